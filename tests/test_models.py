@@ -1,0 +1,206 @@
+"""The ten tf_efficientnet_*_ns entrypoints, their recipes, and model loading."""
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import timm_noisystudent
+from timm_noisystudent.cli import main
+from timm_noisystudent.config import UserError
+from timm_noisystudent.models import NS_RECIPES, load_model, ns_recipe, save_model
+
+NS_NAMES = sorted(NS_RECIPES)
+CFG_FIELDS = ('hf_hub_id', 'input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'num_classes')
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-W', 'error', '-c', code], capture_output=True, text=True)
+
+
+def test_import_emits_no_warnings():
+    proc = _run(
+        'import timm_noisystudent, timm, warnings\n'
+        "m = timm.create_model('tf_efficientnet_b0_ns')\n"
+        "assert m.pretrained_cfg['tag'] == 'ns_jft_in1k'\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ''
+
+
+def test_timm_alone_still_warns_so_the_plugin_is_what_silences_it():
+    proc = _run("import timm; timm.create_model('tf_efficientnet_b0_ns')")
+    assert proc.returncode != 0
+    assert 'deprecated' in proc.stderr
+
+
+def test_all_ten_listed():
+    assert sorted(timm.list_models('tf_efficientnet_*_ns*')) == NS_NAMES
+    assert sorted(timm.list_models('tf_efficientnet_*_ns*', pretrained=True)) == NS_NAMES
+    assert len(NS_NAMES) == 10
+
+
+@pytest.mark.parametrize('name', NS_NAMES)
+def test_pretrained_cfg_equals_timm_ns_cfg(name):
+    recipe = NS_RECIPES[name]
+    theirs = timm.models.get_pretrained_cfg(f'{recipe.base}.{recipe.tag}')
+    ours = timm.models.get_pretrained_cfg(name)
+    for field in CFG_FIELDS:
+        assert getattr(ours, field) == getattr(theirs, field), field
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    for field in CFG_FIELDS:
+        assert model.pretrained_cfg[field] == getattr(theirs, field), field
+    # exports must name the canonical architecture so plain timm loads them
+    assert model.pretrained_cfg['architecture'] == recipe.base
+
+
+@pytest.mark.parametrize('name', NS_NAMES)
+def test_state_dict_keys_and_shapes_equal_timm(name):
+    with torch.device('meta'):
+        ours = timm.create_model(name).state_dict()
+        theirs = timm.create_model(NS_RECIPES[name].base).state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+@pytest.mark.parametrize('name', [n for n in NS_NAMES if 'l2' not in n])
+def test_outputs_equal_timm_with_the_same_weights(name):
+    torch.manual_seed(0)
+    theirs = timm.create_model(NS_RECIPES[name].base).eval()
+    ours = timm.create_model(name).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_recipes_follow_the_official_scripts():
+    table = {  # DESIGN.md: RandAugment magnitude, dropout, unlabeled ratio
+        'b0': (None, 0.2, 1), 'b1': (None, 0.2, 3), 'b2': (6, 0.3, 3), 'b3': (12, 0.3, 3),
+        'b4': (15, 0.4, 3), 'b5': (18, 0.4, 3), 'b6': (24, 0.5, 3), 'b7': (27, 0.5, 3),
+        'l2': (27, 0.5, 14), 'l2_ns_475': (27, 0.5, 14),
+    }
+    for key, expected in table.items():
+        name = f'tf_efficientnet_{key}' if key.endswith('475') else f'tf_efficientnet_{key}_ns'
+        r = NS_RECIPES[name]
+        assert (r.randaugment_magnitude, r.dropout, r.unlabeled_ratio) == expected, name
+        assert r.drop_path == 0.2
+        if r.top1_baseline is not None:
+            assert r.top1_ns > r.top1_baseline
+    assert NS_RECIPES['tf_efficientnet_l2_ns'].unlabeled_ratio_last == 28
+    assert NS_RECIPES['tf_efficientnet_b0_ns'].randaugment is None
+    assert NS_RECIPES['tf_efficientnet_b7_ns'].randaugment == 'tf-m27-n2'
+    assert ns_recipe('tf_efficientnet_b3') is NS_RECIPES['tf_efficientnet_b3_ns']
+    assert ns_recipe('hf-hub:timm/tf_efficientnet_b3.ns_jft_in1k') is NS_RECIPES['tf_efficientnet_b3_ns']
+    assert ns_recipe('resnet50') is None
+
+
+def test_model_kwargs_pass_through():
+    model = timm.create_model('tf_efficientnet_b0_ns', num_classes=7, in_chans=1, drop_rate=0.3, drop_path_rate=0.1)
+    assert model.num_classes == 7
+    assert model.conv_stem.in_channels == 1
+    assert model.drop_rate == 0.3
+    assert model.blocks[-1][-1].drop_path.drop_prob == pytest.approx(0.1 * 15 / 16)
+
+
+def test_load_model_from_name_and_local_dir(tmp_path):
+    model = load_model('test_efficientnet', pretrained=False, num_classes=3).eval()
+    out = save_model(model, tmp_path / 'model', label_names=['a', 'b', 'c'])
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['architecture'] == 'test_efficientnet'
+    assert cfg['label_names'] == ['a', 'b', 'c']
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        assert torch.equal(load_model(out).eval()(x), expected)
+        assert torch.equal(load_model(f'local-dir:{out}').eval()(x), expected)
+    # plain timm, without the plugin, in a fresh process
+    proc = subprocess.run([sys.executable, '-c', (
+        'import sys, timm, torch\n'
+        f"m = timm.create_model('local-dir:{out}', pretrained=True).eval()\n"
+        "assert 'timm_noisystudent' not in sys.modules\n"
+        f"print(m.pretrained_cfg['label_names'])")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "['a', 'b', 'c']" in proc.stdout
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(UserError, match='Did you mean: .*tf_efficientnet_b0_ns'):
+        load_model('tf_efficientnet_b0_nss')
+    with pytest.raises(UserError, match='does not exist'):
+        load_model(str(tmp_path / 'nope') + '/')
+    (tmp_path / 'pickled').mkdir()
+    (tmp_path / 'pickled' / 'config.json').write_text('{"architecture": "test_efficientnet"}')
+    (tmp_path / 'pickled' / 'pytorch_model.bin').write_bytes(b'not read')
+    with pytest.raises(UserError, match='pickled'):
+        load_model(tmp_path / 'pickled')
+
+
+def test_checkpoint_with_wrong_shapes_names_keys(tmp_path):
+    from safetensors.torch import save_file
+    small = timm.create_model('test_efficientnet', num_classes=3)
+    save_file(small.state_dict(), str(tmp_path / 'w.safetensors'))
+    with pytest.raises(UserError, match='classifier.weight'):
+        load_model('test_efficientnet', pretrained=False, num_classes=5, checkpoint=tmp_path / 'w.safetensors')
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('test_efficientnet', num_classes=3)
+    return save_model(model, tmp_path / 'model', label_names=['cat', 'dog', 'bird'])
+
+
+def _image(path, mode='RGB', size=(40, 30)):
+    Image.new(mode, size, color=128 if mode in ('L', 'P') else (200, 30, 60)[:len(mode)] or 1).save(path)
+    return path
+
+
+def test_predict_prints_names_and_probabilities(saved_model, tmp_path, capsys):
+    img = _image(tmp_path / 'x.png')
+    gray = _image(tmp_path / 'g.png', mode='L')
+    assert main(['predict', str(img), str(gray), '--model', str(saved_model), '--json', '--top-k', '2']) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r['image'] for r in results] == [str(img), str(gray)]
+    for r in results:
+        assert len(r['predictions']) == 2
+        assert {p['label'] for p in r['predictions']} <= {'cat', 'dog', 'bird'}
+        assert r['predictions'][0]['probability'] >= r['predictions'][1]['probability']
+    assert main(['predict', str(img), '--model', str(saved_model)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == str(img)
+    assert len(out.splitlines()) == 4 and '%' in out
+
+
+def test_predict_uses_imagenet_names_for_1000_classes(tmp_path, capsys):
+    img = _image(tmp_path / 'x.jpg')
+    assert main(['predict', str(img), '--model', 'test_efficientnet', '--no-pretrained', '--json']) == 0
+    labels = {p['label'] for p in json.loads(capsys.readouterr().out)[0]['predictions']}
+    from timm.data import ImageNetInfo
+    assert labels <= {ImageNetInfo().index_to_description(i) for i in range(1000)}
+
+
+def test_predict_bad_image_is_one_line_exit_2(saved_model, tmp_path):
+    bad = tmp_path / 'bad.jpg'
+    bad.write_text('this is not an image')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_noisystudent', 'predict', str(bad), '--model', str(saved_model)],
+        capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count('\n') == 1 and str(bad) in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_models_command_lists_ten(capsys):
+    assert main(['models']) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in NS_NAMES)
+    assert '78.8' in out and '480.3' in out
+
+
+def test_package_reexports():
+    assert timm_noisystudent.load_model is load_model

@@ -1,0 +1,357 @@
+"""The ten ``tf_efficientnet_*_ns`` entrypoints, their Noisy Student recipes, and model loading.
+
+timm keeps the Noisy Student weights as tags of the canonical architectures
+(``tf_efficientnet_b0.ns_jft_in1k``) and maps the old ``*_ns`` names through a deprecation
+shim that warns. Here the ``*_ns`` names become first-class entrypoints again: they build the
+canonical timm architecture with timm's own ``ns_jft_in1k`` pretrained cfg, so weights come
+from the same Hub repos and exports name the canonical architecture.
+"""
+import difflib
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import timm
+import torch
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
+
+from .config import UserError
+
+__all__ = [
+    'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
+    'data_config_of', 'count_params', 'predict', 'open_image', 'load_weights',
+]
+
+
+@dataclass(frozen=True)
+class NSRecipe:
+    """What the paper and the official scripts used for one variant.
+
+    ``randaugment_magnitude`` of None means no RandAugment (the B0/B1 recipe).
+    ``top1_baseline`` is the same architecture trained on ImageNet alone (None: not reported).
+    """
+    base: str
+    tag: str
+    top1_ns: Optional[float]
+    top1_baseline: Optional[float]
+    randaugment_magnitude: Optional[int]
+    dropout: float
+    drop_path: float
+    unlabeled_ratio: int
+    train_size: int
+    test_size: int
+    unlabeled_ratio_last: Optional[int] = None
+
+    @property
+    def randaugment(self) -> Optional[str]:
+        """The TF-style RandAugment spec of the official scripts (2 ops, always applied)."""
+        if self.randaugment_magnitude is None:
+            return None
+        return f'tf-m{self.randaugment_magnitude}-n2'
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(asdict(self), randaugment=self.randaugment)
+
+
+# Top-1 numbers: arXiv 1911.04252, Table 4 (B0-B7) and the official checkpoint table (L2).
+# Noise and ratios: the official per-variant scripts. Stochastic depth is 0.2 at the last block.
+NS_RECIPES: Dict[str, NSRecipe] = {
+    'tf_efficientnet_b0_ns': NSRecipe('tf_efficientnet_b0', 'ns_jft_in1k', 78.8, 77.3, None, 0.2, 0.2, 1, 224, 224),
+    'tf_efficientnet_b1_ns': NSRecipe('tf_efficientnet_b1', 'ns_jft_in1k', 81.5, 79.2, None, 0.2, 0.2, 3, 240, 240),
+    'tf_efficientnet_b2_ns': NSRecipe('tf_efficientnet_b2', 'ns_jft_in1k', 82.4, 80.0, 6, 0.3, 0.2, 3, 260, 260),
+    'tf_efficientnet_b3_ns': NSRecipe('tf_efficientnet_b3', 'ns_jft_in1k', 84.1, 81.7, 12, 0.3, 0.2, 3, 300, 300),
+    'tf_efficientnet_b4_ns': NSRecipe('tf_efficientnet_b4', 'ns_jft_in1k', 85.3, 83.2, 15, 0.4, 0.2, 3, 380, 380),
+    'tf_efficientnet_b5_ns': NSRecipe('tf_efficientnet_b5', 'ns_jft_in1k', 86.1, 84.0, 18, 0.4, 0.2, 3, 456, 456),
+    'tf_efficientnet_b6_ns': NSRecipe('tf_efficientnet_b6', 'ns_jft_in1k', 86.4, 84.5, 24, 0.5, 0.2, 3, 528, 528),
+    'tf_efficientnet_b7_ns': NSRecipe('tf_efficientnet_b7', 'ns_jft_in1k', 86.9, 85.0, 27, 0.5, 0.2, 3, 600, 600),
+    'tf_efficientnet_l2_ns_475': NSRecipe(
+        'tf_efficientnet_l2', 'ns_jft_in1k_475', 88.2, None, 27, 0.5, 0.2, 14, 475, 475, unlabeled_ratio_last=28),
+    'tf_efficientnet_l2_ns': NSRecipe(
+        'tf_efficientnet_l2', 'ns_jft_in1k', 88.4, None, 27, 0.5, 0.2, 14, 475, 800, unlabeled_ratio_last=28),
+}
+
+
+def _ns_cfg(recipe: NSRecipe) -> Dict[str, Any]:
+    # timm's own cfg for the NS weights: same hf_hub_id, resolution, crop and normalization
+    cfg = get_pretrained_cfg(f'{recipe.base}.{recipe.tag}').to_dict()
+    cfg.pop('architecture', None)
+    cfg.pop('tag', None)
+    return cfg
+
+
+# register_model reads the module's default_cfgs, so they must exist before the entrypoints
+default_cfgs = generate_default_cfgs({name: _ns_cfg(r) for name, r in NS_RECIPES.items()})
+
+
+def _register(fn):
+    # timm registers these names as deprecated aliases and warns when they are overwritten;
+    # replacing them is the point of this plugin, so silence exactly that warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            'ignore', message=f'Overwriting {fn.__name__} in registry', category=UserWarning)
+        return register_model(fn)
+
+
+def _create_ns(name: str, pretrained: bool, **kwargs) -> torch.nn.Module:
+    recipe = NS_RECIPES[name]
+    base_fn = timm.models.model_entrypoint(recipe.base)
+    # Build the canonical architecture with the NS tag, so pretrained_cfg (and any export)
+    # names e.g. tf_efficientnet_b0.ns_jft_in1k, exactly as timm does.
+    pretrained_cfg = kwargs.pop('pretrained_cfg', None) or recipe.tag
+    return base_fn(pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+
+
+@_register
+def tf_efficientnet_b0_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B0 Noisy Student: 78.8% ImageNet top-1 (77.3% without NS)."""
+    return _create_ns('tf_efficientnet_b0_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_b1_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B1 Noisy Student: 81.5% ImageNet top-1 (79.2% without NS)."""
+    return _create_ns('tf_efficientnet_b1_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_b2_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B2 Noisy Student: 82.4% ImageNet top-1 (80.0% without NS)."""
+    return _create_ns('tf_efficientnet_b2_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_b3_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B3 Noisy Student: 84.1% ImageNet top-1 (81.7% without NS)."""
+    return _create_ns('tf_efficientnet_b3_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_b4_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B4 Noisy Student: 85.3% ImageNet top-1 (83.2% without NS)."""
+    return _create_ns('tf_efficientnet_b4_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_b5_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B5 Noisy Student: 86.1% ImageNet top-1 (84.0% without NS)."""
+    return _create_ns('tf_efficientnet_b5_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_b6_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B6 Noisy Student: 86.4% ImageNet top-1 (84.5% without NS)."""
+    return _create_ns('tf_efficientnet_b6_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_b7_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-B7 Noisy Student: 86.9% ImageNet top-1 (85.0% without NS)."""
+    return _create_ns('tf_efficientnet_b7_ns', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_l2_ns_475(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-L2 Noisy Student at 475 px: 88.2% ImageNet top-1."""
+    return _create_ns('tf_efficientnet_l2_ns_475', pretrained, **kwargs)
+
+
+@_register
+def tf_efficientnet_l2_ns(pretrained=False, **kwargs) -> torch.nn.Module:
+    """EfficientNet-L2 Noisy Student at 800 px: 88.4% ImageNet top-1."""
+    return _create_ns('tf_efficientnet_l2_ns', pretrained, **kwargs)
+
+
+def ns_recipe(model_name: str) -> Optional[NSRecipe]:
+    """The NS recipe of a model name, ``tf_efficientnet_b3`` and ``tf_efficientnet_b3_ns`` alike.
+
+    Returns None for architectures the paper did not train (their noise comes from the config).
+    """
+    name = model_name.split(':')[-1].split('/')[-1].split('.')[0]
+    if name in NS_RECIPES:
+        return NS_RECIPES[name]
+    return NS_RECIPES.get(f'{name}_ns')
+
+
+def count_params(model_name: str) -> int:
+    """Parameter count of a registered model, built on the meta device so L2 costs nothing."""
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _suggest_models(name: str) -> str:
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()`."
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / 'config.json').is_file()
+
+
+def _check_weights_file(path: Path) -> None:
+    if (path / 'model.safetensors').is_file():
+        return
+    if any((path / n).exists() for n in ('pytorch_model.bin', 'model.pth', 'model.pt')):
+        raise UserError(
+            f'{path} holds only pickled weights; re-export it with `noisystudent export` to get '
+            'model.safetensors.')
+    raise UserError(f'{path} has config.json but no model.safetensors; export the model again.')
+
+
+def load_model(
+        spec: Union[str, os.PathLike],
+        pretrained: bool = True,
+        checkpoint: Optional[Union[str, os.PathLike]] = None,
+        **kwargs,
+) -> torch.nn.Module:
+    """A model from a timm name, ``hf-hub:org/name[@rev]`` or a local exported directory.
+
+    ``pretrained`` applies to timm names only: Hub ids and directories always load their weights.
+    ``kwargs`` (``num_classes``, ``drop_rate``, ``drop_path_rate``, ``in_chans``, ...) pass to timm;
+    a ``num_classes`` that differs from the saved head gives a new, freshly initialised head.
+    ``checkpoint`` is a safetensors state dict loaded on top.
+    """
+    spec = os.fspath(spec)
+    path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
+    if spec.startswith('hf-hub:'):
+        model = timm.create_model(spec, pretrained=True, **kwargs)
+    elif spec.startswith('local-dir:') or _is_model_dir(path):
+        if not _is_model_dir(path):
+            raise UserError(f'{path} is not a model directory (no config.json); pass a timm name, '
+                            'hf-hub:org/name or a directory written by `noisystudent export`.')
+        _check_weights_file(path)
+        model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+    elif os.sep in spec or path.exists():
+        raise UserError(f'model directory {spec} does not exist or has no config.json.')
+    else:
+        if not timm.is_model(spec):
+            raise UserError(f'unknown model {spec!r}.' + _suggest_models(spec))
+        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Union[str, os.PathLike]) -> None:
+    """Load a safetensors state dict into ``model``; shape mismatches name the keys."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / 'model.safetensors'
+    if not checkpoint.is_file():
+        raise UserError(f'checkpoint {checkpoint} does not exist.')
+    if checkpoint.suffix != '.safetensors':
+        raise UserError(f'{checkpoint} is not a .safetensors file; only safetensors weights are loaded.')
+    try:
+        state = load_file(str(checkpoint), device='cpu')
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise UserError(f'cannot read {checkpoint} as safetensors: {e}') from e
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        shown = ', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in bad[:3])
+        raise UserError(f'{checkpoint} does not fit the model: {len(bad)} keys differ in shape ({shown}).')
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        keys = (missing or unexpected)[:3]
+        raise UserError(f'{checkpoint} does not fit the model: {len(missing)} missing and '
+                        f'{len(unexpected)} unexpected keys (e.g. {", ".join(keys)}).')
+
+
+def label_names_of(model: torch.nn.Module) -> List[str]:
+    """Class names: the model's ``label_names``, ImageNet's for 1000 classes, else the indices."""
+    names = getattr(model, 'pretrained_cfg', {}).get('label_names')
+    num_classes = model.num_classes
+    if names and len(names) == num_classes:
+        return list(names.values()) if isinstance(names, dict) else list(names)
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(num_classes)]
+    return [str(i) for i in range(num_classes)]
+
+
+def data_config_of(model: torch.nn.Module, image_size: Optional[int] = None) -> Dict[str, Any]:
+    """timm's eval data config of a model, optionally at another square resolution."""
+    args = {'input_size': (3, image_size, image_size)} if image_size else {}
+    return timm.data.resolve_data_config(args, model=model)
+
+
+def save_model(
+        model: torch.nn.Module,
+        directory: Union[str, os.PathLike],
+        label_names: Optional[Sequence[str]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Export ``model`` as ``model.safetensors`` + ``config.json`` that plain timm loads.
+
+    The directory appears whole or not at all: it is written beside its final place and renamed.
+    """
+    from timm.models import save_for_hf
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f'.{directory.name}.tmp-{os.getpid()}'
+    _remove_tree(tmp)
+    model_config = {'label_names': list(label_names)} if label_names else None
+    model = getattr(model, 'module', model)
+    save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+    for f in tmp.iterdir():
+        _fsync(f)
+    old = directory.parent / f'.{directory.name}.old-{os.getpid()}'
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    _remove_tree(old)
+    return directory
+
+
+def _fsync(path: Path) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def open_image(path: Union[str, os.PathLike]):
+    """An RGB PIL image from a file; unreadable files are a UserError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert('RGB')
+    except FileNotFoundError:
+        raise UserError(f'image {path} does not exist.') from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f'cannot read image {path}: {e}') from None
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: Sequence[Union[str, os.PathLike]], top_k: int = 5) -> List[Dict[str, Any]]:
+    """Top-k classes of each image with the model's own eval transform.
+
+    Returns one ``{"image", "predictions": [{"index", "label", "probability"}]}`` per image.
+    """
+    transform = timm.data.create_transform(**data_config_of(model))
+    names = label_names_of(model)
+    model = model.eval().to(memory_format=torch.channels_last)
+    batch = torch.stack([transform(open_image(p)) for p in images]).contiguous(memory_format=torch.channels_last)
+    probs = model(batch).float().softmax(dim=-1)
+    values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return [
+        {
+            'image': os.fspath(path),
+            'predictions': [
+                {'index': int(i), 'label': names[int(i)], 'probability': float(v)} for v, i in zip(vs, ids)
+            ],
+        }
+        for path, vs, ids in zip(images, values, indices)
+    ]
