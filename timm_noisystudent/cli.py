@@ -56,6 +56,77 @@ def _cmd_predict(args) -> None:
     _print_main('\n'.join(lines))
 
 
+def _source(path, split, image_column=None, label_column=None, name=None):
+    from .config import DataSource
+    return DataSource(path=path, name=name, split=split, image_column=image_column, label_column=label_column)
+
+
+def _train_settings(args):
+    """TrainConfig and NoiseConfig from --config YAML (its train: and noise: sections), then flags."""
+    from .config import NoiseConfig, TrainConfig, from_dict, read_config_dict
+
+    loaded = read_config_dict(args.config) if args.config else {}
+    unknown = set(loaded) - {'train', 'noise'}
+    if unknown:
+        raise UserError(f"--config for `train` takes the sections train: and noise:, not {', '.join(sorted(unknown))}.")
+    train = dict(loaded.get('train') or {})
+    noise = dict(loaded.get('noise') or {})
+    for key in ('epochs', 'batch_size', 'lr', 'mixed_precision', 'preset', 'ema_decay', 'num_workers',
+                'checkpoint_every', 'max_steps', 'grad_accum_steps', 'log_with', 'unlabeled_ratio'):
+        if getattr(args, key, None) is not None:
+            train[key] = getattr(args, key)
+    if args.compile:
+        train['compile'] = True
+    for key in ('randaugment', 'dropout', 'drop_path'):
+        if getattr(args, key, None) is not None:
+            noise[key] = getattr(args, key)
+    return from_dict(TrainConfig, train, 'train'), from_dict(NoiseConfig, noise, 'noise')
+
+
+def _cmd_train(args) -> None:
+    from .config import ModelStage
+    from .engine import train
+
+    train_cfg, noise = _train_settings(args)
+    stage = ModelStage(model=args.model, pretrained=args.pretrained, epochs=train_cfg.epochs,
+                       image_size=args.image_size)
+    unlabeled = _source(args.unlabeled_data, args.unlabeled_split) if args.unlabeled_data else None
+    eval_data = _source(args.eval_data, args.eval_split, args.image_column, args.label_column) \
+        if args.eval_data else None
+    metrics = train(
+        stage, _source(args.data, args.split, args.image_column, args.label_column), args.output,
+        eval_data=eval_data, pseudo=args.pseudo, unlabeled=unlabeled, train_cfg=train_cfg, noise=noise,
+        seed=args.seed, resume=args.resume, freeze_blocks=args.freeze_blocks)
+    top1 = '-' if metrics['top1'] is None else f"{metrics['top1']:.2f}"
+    top5 = '-' if metrics['top5'] is None else f"{metrics['top5']:.2f}"
+    _print_main(f"{'student' if args.pseudo else 'teacher'} {metrics['model']}: top-1 {top1}  top-5 {top5}  "
+                f"({metrics['img_per_s']:.1f} img/s) -> {args.output}/model")
+
+
+def _cmd_eval(args) -> None:
+    from .engine import evaluate_model
+
+    metrics = evaluate_model(args.model, _source(args.data, args.split, args.image_column, args.label_column),
+                             batch_size=args.batch_size, image_size=args.image_size,
+                             mixed_precision=args.mixed_precision, num_workers=args.num_workers)
+    if args.json:
+        _print_main(json.dumps(metrics))
+    else:
+        _print_main(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
+                    f"({metrics['images']} images, {metrics['skipped']} skipped)")
+
+
+def _per_class_arg(text: str):
+    return int(text) if text.isdigit() else text
+
+
+def _add_data_args(p, required=True) -> None:
+    p.add_argument('--data', required=required, help='dataset: Hub id, image folder, parquet dir or save_to_disk dir')
+    p.add_argument('--split', default='train', help='split, slicing allowed: train[:10%%]')
+    p.add_argument('--image-column', help='image column (default: detected)')
+    p.add_argument('--label-column', help='label column (default: detected)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='noisystudent', description='Noisy Student Training for timm models.')
@@ -74,6 +145,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', action='store_true', help='print JSON instead of a table')
     p.add_argument('--no-pretrained', action='store_true', help='random weights for a timm name (for testing)')
     p.set_defaults(fn=_cmd_predict)
+
+    p = sub.add_parser('train', help='train a teacher, or a noised student with --pseudo')
+    _add_data_args(p)
+    p.add_argument('--eval-data', help='labeled dataset to evaluate on after each epoch')
+    p.add_argument('--eval-split', default='test')
+    p.add_argument('--model', '-m', default='tf_efficientnet_b0', help='timm name, hf-hub:org/name or directory')
+    p.add_argument('--output', '-o', required=True, help='output directory (model/, metrics.json, checkpoints/)')
+    p.add_argument('--pseudo', help='pseudo-label directory from `noisystudent label`: train a student')
+    p.add_argument('--unlabeled-data', help='the unlabeled dataset the pseudo labels point at (default: from stats.json)')
+    p.add_argument('--unlabeled-split', default='train')
+    p.add_argument('--pretrained', action='store_true', help='start from the timm pretrained weights (new head)')
+    p.add_argument('--image-size', type=int, help='square input size (default: the model\'s own)')
+    p.add_argument('--epochs', type=int)
+    p.add_argument('--batch-size', type=int)
+    p.add_argument('--lr', type=float)
+    p.add_argument('--preset', choices=['small-data', 'paper'])
+    p.add_argument('--ema-decay', type=float)
+    p.add_argument('--randaugment', help="student input noise: 'none', 'rand-m9-n2-mstd0.5' or 'tf-m15-n2'")
+    p.add_argument('--dropout', type=float)
+    p.add_argument('--drop-path', type=float)
+    p.add_argument('--unlabeled-ratio', type=int, help='pseudo-labeled images per labeled image in a batch')
+    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'])
+    p.add_argument('--grad-accum-steps', type=int)
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--num-workers', type=int)
+    p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
+    p.add_argument('--max-steps', type=int, help='stop after N steps (smoke tests)')
+    p.add_argument('--log-with', help='Accelerate tracker: tensorboard, wandb, ...')
+    p.add_argument('--freeze-blocks', type=int, default=0, help='freeze the stem and the first N blocks')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in --output')
+    p.add_argument('--config', help='YAML with train: and noise: sections (flags override it)')
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser('eval', help='top-1 and top-5 of a model on a labeled split')
+    p.add_argument('--model', '-m', required=True)
+    _add_data_args(p)
+    p.set_defaults(split='test')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--image-size', type=int)
+    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'], default='auto')
+    p.add_argument('--num-workers', type=int)
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(fn=_cmd_eval)
     return parser
 
 
@@ -87,6 +202,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
+    except Exception as e:
+        from .engine import Preempted
+        if isinstance(e, Preempted):
+            print(str(e), file=sys.stderr, flush=True)
+            return 143
+        raise
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr, flush=True)
         return 130

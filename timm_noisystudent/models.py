@@ -298,6 +298,8 @@ def save_model(
     _remove_tree(tmp)
     model_config = {'label_names': list(label_names)} if label_names else None
     model = getattr(model, 'module', model)
+    # safetensors stores contiguous tensors only; channels_last weights are converted in place
+    model.to(memory_format=torch.contiguous_format)
     save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
     for f in tmp.iterdir():
         _fsync(f)

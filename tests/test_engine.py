@@ -1,0 +1,247 @@
+"""The training engine on real tiny data: digits at 32 px with timm's test_efficientnet."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from digits import digits_arrays, split_indices, write_image_folder, write_parquet
+from timm_noisystudent.config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
+from timm_noisystudent.data import decode_image, load_source
+from timm_noisystudent.engine import evaluate_model, train
+
+MODEL = 'test_efficientnet'
+CLI = [sys.executable, '-m', 'timm_noisystudent']
+
+
+def _env():
+    from conftest import hub_env
+    return hub_env(OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).parent))
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp('digits')
+    x, y = digits_arrays(32)
+    split = split_indices(y, per_class=30, n_test=300)
+    paths = {
+        'labeled': write_image_folder(root / 'labeled', x[split['labeled']], y[split['labeled']]),
+        'test': write_image_folder(root / 'test', x[split['test']], y[split['test']]),
+        'unlabeled': write_parquet(root / 'unlabeled', x[split['unlabeled']][:200]),
+        'labeled_parquet': write_parquet(root / 'labeled_pq', x[split['labeled']], y[split['labeled']]),
+    }
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _cfg(**kw):
+    return TrainConfig(**{'batch_size': 32, 'num_workers': 0, 'mixed_precision': 'no', **kw})
+
+
+@pytest.fixture(scope='module')
+def teacher(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp('teacher')
+    metrics = train(ModelStage(model=MODEL, epochs=6, image_size=32, lr=3e-3), digits['labeled'], out,
+                    eval_data=DataSource(digits['test'], split='train'), train_cfg=_cfg(), progress=False)
+    return out, metrics
+
+
+def test_teacher_learns_well_above_chance(teacher):
+    out, metrics = teacher
+    assert metrics['top1'] > 35.0, metrics  # chance is 10%
+    assert metrics['labeled_images'] == 300 and metrics['pseudo_images'] == 0
+    lines = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [l['epoch'] for l in lines] == [1, 2, 3, 4, 5, 6]
+    saved = json.loads((out / 'metrics.json').read_text())
+    assert saved['top1'] == metrics['top1'] and set(saved) >= {'top1', 'top5', 'loss', 'epoch'}
+
+
+def test_eval_uses_the_ema_and_the_export_is_the_ema(teacher, digits):
+    out, metrics = teacher
+    exported = load_file(str(out / 'model' / 'model.safetensors'))
+    ckpt = sorted((out / 'checkpoints').glob('step-*'))[-1]
+    ema = load_file(str(ckpt / 'ema.safetensors'))
+    raw = load_file(str(ckpt / 'model.safetensors'))
+    key = 'classifier.weight'
+    assert torch.allclose(exported[key], ema[f'module.{key}'])
+    assert not torch.allclose(exported[key], raw[key])  # the raw weights are not what we evaluate
+    again = evaluate_model(str(out / 'model'), DataSource(digits['test'], split='train'), mixed_precision='no',
+                           num_workers=0)
+    assert again['top1'] == pytest.approx(metrics['top1'])
+
+
+def test_export_loads_with_plain_timm(teacher):
+    out, _ = teacher
+    code = (
+        'import sys, timm, json\n'
+        f"m = timm.create_model('local-dir:{out / 'model'}', pretrained=True)\n"
+        "assert 'timm_noisystudent' not in sys.modules\n"
+        "print(json.dumps([m.num_classes, m.pretrained_cfg['label_names'], m.pretrained_cfg['input_size']]))\n")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    num_classes, names, size = json.loads(proc.stdout)
+    assert num_classes == 10 and names[0] == 'digit_0' and size == [3, 32, 32]
+    config = json.loads((out / 'model' / 'config.json').read_text())
+    assert config['architecture'] == MODEL
+    assert sorted(p.name for p in (out / 'model').iterdir()) == ['config.json', 'model.safetensors']
+
+
+def _pseudo_dir(root: Path, n: int, num_classes: int = 10, soft: bool = True) -> Path:
+    """A hand-made pseudo-label directory (what `noisystudent label` writes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(num_classes) * 0.3, size=n).astype(np.float32)
+    (root / 'data').mkdir(parents=True)
+    table = pa.table({'index': np.arange(n, dtype=np.int64), 'probs': list(probs),
+                      'label': probs.argmax(1).astype(np.int64), 'confidence': probs.max(1)})
+    pq.write_table(table, root / 'data' / 'part-00000.parquet')
+    (root / 'stats.json').write_text(json.dumps({'num_classes': num_classes, 'soft': soft, 'source': {}}))
+    return root
+
+
+def test_student_trains_on_mixed_batches(digits, teacher, tmp_path):
+    pseudo = _pseudo_dir(tmp_path / 'labels', 200)
+    metrics = train(ModelStage(model=str(teacher[0] / 'model'), epochs=1, image_size=32), digits['labeled'],
+                    tmp_path / 'student', pseudo=pseudo, unlabeled=digits['unlabeled'],
+                    train_cfg=_cfg(batch_size=8, unlabeled_ratio=3),
+                    noise=NoiseConfig(randaugment='tf-m9-n2', dropout=0.3, drop_path=0.1), progress=False)
+    # one epoch = one pass over 200 pseudo rows in batches of 24, each step with 8 labeled images too
+    assert metrics['step'] == 200 // 24
+    assert metrics['images_seen'] == metrics['step'] * (8 + 24)
+    assert metrics['pseudo_images'] == 200
+    assert metrics['noise'] == {'randaugment': 'tf-m9-n2', 'dropout': 0.3, 'drop_path': 0.1, 'unlabeled_ratio': 3}
+    assert (tmp_path / 'student' / 'model' / 'model.safetensors').is_file()
+
+
+def test_student_noise_defaults_come_from_the_recipe():
+    from timm_noisystudent.engine import resolve_stage
+    b3 = resolve_stage(ModelStage(model='tf_efficientnet_b3'), TrainConfig(), NoiseConfig(), student=True)
+    assert (b3.randaugment, b3.dropout, b3.drop_path, b3.unlabeled_ratio) == ('tf-m12-n2', 0.3, 0.2, 3)
+    b0 = resolve_stage(ModelStage(model='tf_efficientnet_b0_ns'), TrainConfig(), NoiseConfig(), student=True)
+    assert (b0.randaugment, b0.dropout, b0.unlabeled_ratio) == (None, 0.2, 1)
+    teacher = resolve_stage(ModelStage(model='tf_efficientnet_b3'), TrainConfig(), NoiseConfig(), student=False)
+    assert teacher.randaugment is None
+    paper = resolve_stage(ModelStage(model='resnet18'), TrainConfig(preset='paper', lr=0.1), NoiseConfig(), True)
+    assert paper.opt['opt'] == 'rmsproptf' and paper.lr == 0.1 and paper.opt['decay_rate'] == 0.97
+
+
+def _train_cmd(digits, out, *extra):
+    return CLI + ['train', '--data', digits['labeled'], '--model', MODEL, '--image-size', '32', '--epochs', '2',
+                  '--batch-size', '16', '--num-workers', '0', '--mixed-precision', 'no', '--output', str(out),
+                  '--checkpoint-every', '3', *extra]
+
+
+def test_kill_and_resume_gives_the_same_weights(digits, tmp_path):
+    full = subprocess.run(_train_cmd(digits, tmp_path / 'full'), capture_output=True, text=True, env=_env())
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    proc = subprocess.Popen(_train_cmd(digits, tmp_path / 'killed'), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env())
+    ckpts = tmp_path / 'killed' / 'checkpoints'
+    deadline = time.time() + 300
+    while not list(ckpts.glob('step-0000000[6-9]')) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'killed' / 'model').exists(), 'the run finished before it could be killed'
+
+    resumed = subprocess.run(_train_cmd(digits, tmp_path / 'killed', '--resume'), capture_output=True, text=True,
+                             env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'resuming from' in resumed.stdout + resumed.stderr
+    a = load_file(str(tmp_path / 'full' / 'model' / 'model.safetensors'))
+    b = load_file(str(tmp_path / 'killed' / 'model' / 'model.safetensors'))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not list((tmp_path / 'killed').rglob('*.tmp*'))
+
+
+def test_parquet_source_and_odd_images(tmp_path, digits):
+    x, y = digits_arrays(32)
+    root = write_image_folder(tmp_path / 'odd', x[:40], y[:40] % 2)
+    a, b = root / 'digit_0', root / 'digit_1'
+    Image.new('L', (20, 20), 100).save(a / 'gray.png')
+    Image.new('RGBA', (20, 20), (10, 20, 30, 0)).save(a / 'rgba.png')
+    Image.new('P', (20, 20), 3).save(a / 'palette.png')
+    Image.new('CMYK', (20, 20), (0, 50, 100, 0)).save(b / 'cmyk.jpg')
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(b / 'sixteen.png')
+    Image.new('RGB', (1, 1), (1, 2, 3)).save(b / 'tiny.png')
+    (a / 'zero.png').write_bytes(b'')
+    (a / 'text.jpg').write_text('not an image')
+    good = (b / 'trunc.png')
+    Image.fromarray(x[0]).save(good)
+    good.write_bytes(good.read_bytes()[:60])
+    ds = load_source(str(root))
+    assert len(ds) == 49
+    metrics = train(ModelStage(model=MODEL, epochs=1, image_size=32), str(root), tmp_path / 'out',
+                    eval_data=DataSource(str(root)), train_cfg=_cfg(batch_size=16), progress=False)
+    assert metrics['step'] == 3
+    skipped = evaluate_model(str(tmp_path / 'out' / 'model'), str(root), num_workers=0, mixed_precision='no')
+    assert skipped['skipped'] == 3 and skipped['images'] == 46
+    for mode_file in ('gray.png', 'rgba.png', 'palette.png'):
+        assert decode_image({'path': str(a / mode_file), 'bytes': None}).mode == 'RGB'
+    sixteen = decode_image({'path': str(b / 'sixteen.png'), 'bytes': None})
+    assert sixteen.getpixel((0, 0)) == (155, 155, 155)  # scaled from 16 bit, not clipped to white
+    pq_metrics = train(ModelStage(model=MODEL, epochs=1, image_size=32), DataSource(digits['labeled_parquet']),
+                       tmp_path / 'pq', train_cfg=_cfg(max_steps=2), progress=False)
+    assert pq_metrics['step'] == 2 and pq_metrics['top1'] is None
+
+
+def test_split_slicing_and_save_to_disk(tmp_path, digits):
+    ds = load_source(DataSource(digits['labeled_parquet'], split='train[:10%]'))
+    assert len(ds) == 30
+    full = load_source(DataSource(digits['labeled_parquet']))
+    full.save_to_disk(str(tmp_path / 'saved'))
+    assert len(load_source(DataSource(str(tmp_path / 'saved'), split='train[10:20]'))) == 10
+    datasets.DatasetDict({'train': full}).save_to_disk(str(tmp_path / 'saved_dict'))
+    assert len(load_source(DataSource(str(tmp_path / 'saved_dict'), split='train[:50%]'))) == 150
+
+
+def test_data_errors_are_user_errors(tmp_path, digits):
+    with pytest.raises(UserError, match='does not exist'):
+        load_source(str(tmp_path / 'missing'))
+    with pytest.raises(UserError, match='image column .nope. not found; the columns are: image, label'):
+        train(ModelStage(model=MODEL, epochs=1), DataSource(digits['labeled_parquet'], image_column='nope'),
+              tmp_path / 'x', train_cfg=_cfg(), progress=False)
+    strings = datasets.Dataset.from_dict({'image': [Image.new('RGB', (8, 8))], 'label': ['cat']})
+    with pytest.raises(UserError, match='holds strings'):
+        train(ModelStage(model=MODEL, epochs=1), strings, tmp_path / 'y', train_cfg=_cfg(), progress=False)
+    negative = datasets.Dataset.from_dict({'image': [Image.new('RGB', (8, 8))] * 2, 'label': [0, -1]})
+    with pytest.raises(UserError, match=r'labels must be in \[0, 0\], found -1..0'):
+        train(ModelStage(model=MODEL, epochs=1), negative, tmp_path / 'z', train_cfg=_cfg(), progress=False)
+
+
+def test_two_processes_give_the_same_eval_as_one(teacher, digits):
+    out, _ = teacher
+    args = ['eval', '--model', str(out / 'model'), '--data', digits['test'], '--split', 'train',
+            '--json', '--mixed-precision', 'no', '--num-workers', '0', '--batch-size', '64']
+    one = subprocess.run(CLI + args, capture_output=True, text=True, env=_env())
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [str(Path(sys.executable).with_name('accelerate')), 'launch', '--multi_gpu', '--num_processes', '2',
+              '--main_process_port', '0', '-m', 'timm_noisystudent']
+    two = subprocess.run(launch + args, capture_output=True, text=True, env={**_env(), 'ACCELERATE_USE_CPU': '1'})
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
+    assert m2['images'] == m1['images'] == 300  # 300 rows over 2 processes, 64-row batches: padding dropped
+    assert m2['top1'] == pytest.approx(m1['top1']) and m2['top5'] == pytest.approx(m1['top5'])
+    assert two.stdout.count('"top1"') == 1  # printed once, by the main process
+
+
+def test_two_process_training_runs(digits, tmp_path):
+    launch = [str(Path(sys.executable).with_name('accelerate')), 'launch', '--multi_gpu', '--num_processes', '2',
+              '--main_process_port', '0', '-m', 'timm_noisystudent']
+    cmd = launch + _train_cmd(digits, tmp_path / 'ddp', '--max-steps', '3')[3:]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), 'ACCELERATE_USE_CPU': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
+    assert metrics['step'] == 3 and metrics['images_seen'] == 3 * 16 * 2

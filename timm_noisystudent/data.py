@@ -1,0 +1,372 @@
+"""Datasets in, batches out.
+
+A source is anything ``datasets.load_dataset`` takes (Hub id, image folder, parquet directory),
+a ``save_to_disk`` directory, or a ``datasets.Dataset``. Images stay encoded until a batch is
+made: the image column is cast to ``Image(decode=False)`` and decoded in the lazy transform, so
+one broken file is skipped and counted instead of stopping a run.
+"""
+import hashlib
+import io
+import os
+import random
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataSource, UserError
+
+IMAGE_COLUMNS = ('image', 'img', 'pixel_values')
+LABEL_COLUMNS = ('label', 'labels', 'fine_label')
+
+SourceLike = Union[DataSource, datasets.Dataset, datasets.IterableDataset, str, Dict[str, Any]]
+
+
+def as_source(source: SourceLike) -> Union[DataSource, datasets.Dataset, datasets.IterableDataset]:
+    if isinstance(source, (DataSource, datasets.Dataset, datasets.IterableDataset)):
+        return source
+    if isinstance(source, str):
+        return DataSource(path=source)
+    if isinstance(source, dict):
+        return DataSource(**source)
+    raise UserError(f'cannot use {type(source).__name__} as a data source; pass a path, a Hub id or a Dataset.')
+
+
+def load_source(source: SourceLike) -> Union[datasets.Dataset, datasets.IterableDataset]:
+    """The dataset split that a source names, not yet decoded."""
+    source = as_source(source)
+    if not isinstance(source, DataSource):
+        return source
+    path = Path(source.path).expanduser()
+    if _is_saved_dataset(path):
+        return _split_of(datasets.load_from_disk(str(path)), source.split)
+    looks_local = source.path.startswith(('.', '/', '~')) or path.exists()
+    if looks_local and not path.exists():
+        raise UserError(f'data path {source.path} does not exist.')
+    try:
+        return datasets.load_dataset(
+            str(path) if looks_local else source.path, source.name, split=source.split,
+            streaming=source.streaming)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:
+        if looks_local:
+            raise UserError(f'no images or data files found in {source.path}: {_first_line(e)}') from e
+        raise UserError(
+            f'cannot load dataset {source.path!r} ({_first_line(e)}); check the id, or when offline set '
+            'HF_DATASETS_OFFLINE=1 with the dataset in the cache, or pass a local folder.') from e
+    except ConnectionError as e:
+        raise UserError(
+            f'cannot reach the Hub for dataset {source.path!r}; set HF_DATASETS_OFFLINE=1 to use the cache, '
+            'or pass a local folder.') from e
+    except ValueError as e:
+        if 'split' in str(e).lower() or 'instruction' in str(e).lower():
+            raise UserError(f'bad split {source.split!r} for {source.path}: {_first_line(e)}') from e
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / 'dataset_dict.json').is_file() or (path / 'state.json').is_file())
+
+
+def _split_of(saved, split: str) -> datasets.Dataset:
+    # load_from_disk has no split argument; apply the same slicing syntax load_dataset takes
+    name = re.split(r'[\[+]', split, maxsplit=1)[0]
+    if isinstance(saved, datasets.DatasetDict):
+        if name not in saved:
+            raise UserError(f'split {name!r} not in the saved dataset; it has {", ".join(saved)}.')
+        ds = saved[name]
+    else:
+        ds = saved
+    if name == split:
+        return ds
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(ds)})
+    except (ValueError, AssertionError) as e:
+        raise UserError(f'bad split {split!r}: {_first_line(e)}') from e
+    rows = [i for ins in instructions for i in range(ins.from_, ins.to)]
+    return ds.select(rows)
+
+
+def _column_types(ds) -> Dict[str, Any]:
+    return dict(ds.features or {})
+
+
+def image_column_of(ds, override: Optional[str] = None) -> str:
+    """The image column: the one named, a conventional name, or the first Image feature."""
+    features = _column_types(ds)
+    columns = list(ds.column_names or features)
+    if override:
+        if override not in columns:
+            raise UserError(f'image column {override!r} not found; the columns are: {", ".join(columns)}.')
+        return override
+    for name in IMAGE_COLUMNS:
+        if name in columns:
+            return name
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise UserError(f'no image column found; the columns are: {", ".join(columns)}. Set image_column.')
+
+
+def label_column_of(ds, override: Optional[str] = None) -> str:
+    """The label column: the one named, a conventional name, or the first ClassLabel."""
+    features = _column_types(ds)
+    columns = list(ds.column_names or features)
+    if override:
+        if override not in columns:
+            raise UserError(f'label column {override!r} not found; the columns are: {", ".join(columns)}.')
+        name = override
+    else:
+        name = next((c for c in LABEL_COLUMNS if c in columns), None)
+        name = name or next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+        if name is None:
+            raise UserError(f'no label column found; the columns are: {", ".join(columns)}. Set label_column.')
+    feature = features.get(name)
+    if isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string'):
+        raise UserError(
+            f'label column {name!r} holds strings; make it a ClassLabel (dataset.class_encode_column({name!r})) '
+            'or use an image folder with one subfolder per class.')
+    return name
+
+
+def label_names_of(ds, label_column: str) -> Optional[List[str]]:
+    feature = _column_types(ds).get(label_column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def num_classes_of(ds, label_column: str) -> int:
+    names = label_names_of(ds, label_column)
+    if names:
+        return len(names)
+    labels = ds[label_column]
+    if len(labels) == 0:
+        raise UserError('the labeled set is empty.')
+    return int(max(labels)) + 1
+
+
+def check_labels(ds, label_column: str, num_classes: int, what: str = 'labeled') -> None:
+    """Labels must be class indices in [0, num_classes)."""
+    labels = np.asarray(ds[label_column])
+    if labels.size == 0:
+        raise UserError(f'the {what} set is empty.')
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f'{what} labels in {label_column!r} are not integers (found {labels.dtype}).')
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise UserError(
+            f'{what} labels must be in [0, {num_classes - 1}], found {low}..{high} in {label_column!r}; '
+            'drop unlabeled rows (-1) or fix the class count.')
+
+
+def undecoded(ds, image_column: str):
+    """The dataset with its image column left as bytes/paths, decoded only in our transform."""
+    feature = _column_types(ds).get(image_column)
+    if isinstance(feature, datasets.Image) and not feature.decode:
+        return ds
+    return ds.cast_column(image_column, datasets.Image(decode=False))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; 16-bit and float images are scaled, not clipped."""
+    if img.mode == 'RGB':
+        return img
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith('I;16') else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert('RGB')
+    if img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')
+    if img.mode in ('RGBA', 'LA', 'PA'):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGB', rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel('A'))
+        return background
+    return img.convert('RGB')
+
+
+def decode_image(value: Any) -> Optional[Image.Image]:
+    """An RGB image from a datasets image value, or None when it cannot be decoded."""
+    try:
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict) and value.get('bytes') is not None:
+            img = Image.open(io.BytesIO(value['bytes']))
+        elif isinstance(value, dict) and value.get('path'):
+            img = Image.open(value['path'])
+        elif isinstance(value, str):
+            img = Image.open(value)
+        elif isinstance(value, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(value))
+        else:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            img.load()
+        if min(img.size) < 1:
+            return None
+        return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, TypeError, EOFError):
+        # OSError covers truncated files and PIL's UnidentifiedImageError
+        return None
+
+
+def image_transform_fn(image_column: str, transform: Callable, label_column: Optional[str] = None):
+    """A ``with_transform`` function: decode, convert to RGB and transform each image lazily.
+
+    Undecodable images become None; ``collate`` drops and counts them.
+    """
+    def fn(batch):
+        images = [decode_image(v) for v in batch[image_column]]
+        out = {'pixel_values': [transform(img) if img is not None else None for img in images]}
+        if label_column is not None:
+            out['label'] = batch[label_column]
+        return out
+    return fn
+
+
+def _sample_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little')
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Seed python, numpy and torch for one batch of augmentation, then restore their state.
+
+    Augmentation then depends only on (run seed, epoch, rows), so a resumed run sees the
+    same noise as an uninterrupted one, whichever process or worker makes the batch.
+    """
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Rows of a Hugging Face dataset as transformed images (+ labels) and their row index.
+
+    ``__getitems__`` fetches a whole batch from the dataset at once, so the lazy
+    ``with_transform`` runs once per batch.
+    """
+
+    def __init__(
+            self,
+            ds: datasets.Dataset,
+            image_column: str,
+            transform: Callable,
+            label_column: Optional[str] = None,
+            seed: int = 0,
+    ):
+        self.image_column = image_column
+        self.label_column = label_column
+        columns = [image_column] + ([label_column] if label_column else [])
+        ds = undecoded(ds.select_columns(columns), image_column)
+        self.ds = ds.with_transform(image_transform_fn(image_column, transform, label_column))
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: Sequence[int]) -> Dict[str, list]:
+        indices = [int(i) for i in indices]
+        with _seeded(_sample_seed(self.seed, self.epoch, tuple(indices))):
+            batch = self.ds[indices]
+        batch['index'] = indices
+        return batch
+
+    def __getitem__(self, index: int) -> Dict[str, list]:
+        return self.__getitems__([index])
+
+
+class PseudoRows(torch.utils.data.Dataset):
+    """Pseudo-labeled rows: each points at a row of the unlabeled set and carries its target.
+
+    Targets are dense probability vectors (soft labels, from ``probs`` or ``topk_idx``/``topk_prob``)
+    or class indices when ``hard`` is set.
+    """
+
+    def __init__(self, pseudo: datasets.Dataset, images: ImageRows, num_classes: int, hard: bool = False):
+        self.pseudo = pseudo
+        self.images = images
+        self.num_classes = num_classes
+        self.hard = hard
+
+    def set_epoch(self, epoch: int) -> None:
+        self.images.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pseudo)
+
+    def __getitems__(self, indices: Sequence[int]) -> Dict[str, list]:
+        rows = self.pseudo[[int(i) for i in indices]]
+        batch = self.images.__getitems__(rows['index'])
+        batch['label'] = list(self._targets(rows))
+        return batch
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])
+
+    def _targets(self, rows) -> torch.Tensor:
+        if self.hard:
+            return torch.tensor(rows['label'], dtype=torch.long)
+        if 'probs' in rows:
+            return torch.tensor(np.asarray(rows['probs'], dtype=np.float32))
+        dense = torch.zeros(len(rows['topk_idx']), self.num_classes)
+        idx = torch.tensor(np.asarray(rows['topk_idx'], dtype=np.int64))
+        val = torch.tensor(np.asarray(rows['topk_prob'], dtype=np.float32))
+        dense.scatter_(1, idx, val)
+        # the mass outside the top-k is spread evenly, so each target still sums to one
+        rest = (1.0 - dense.sum(1, keepdim=True)).clamp(min=0) / max(self.num_classes - idx.shape[1], 1)
+        return torch.where(dense > 0, dense, rest)
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor
+    label: Optional[torch.Tensor]
+    index: torch.Tensor
+    skipped: List[int]
+
+
+def collate(rows: Dict[str, list]) -> Batch:
+    """Stack a fetched batch, dropping (and naming) the rows whose image did not decode."""
+    keep = [i for i, x in enumerate(rows['pixel_values']) if x is not None]
+    skipped = [rows['index'][i] for i in range(len(rows['index'])) if i not in set(keep)]
+    if keep:
+        pixels = torch.stack([rows['pixel_values'][i] for i in keep])
+    else:
+        pixels = torch.empty(0)
+    label = None
+    if 'label' in rows:
+        labels = [rows['label'][i] for i in keep]
+        if labels and isinstance(labels[0], torch.Tensor):
+            label = torch.stack(labels)
+        else:
+            label = torch.tensor(labels, dtype=torch.long)
+    index = torch.tensor([rows['index'][i] for i in keep], dtype=torch.long)
+    return Batch(pixels, label, index, skipped)
+
+
+def default_num_workers() -> int:
+    # decoding competes with the model for the same cores; one worker per two cores pays on CPU
+    return min(8, max(0, (os.cpu_count() or 1) // 2))

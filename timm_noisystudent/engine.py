@@ -1,0 +1,613 @@
+"""The Accelerate train/eval loop, used by teacher and student alike.
+
+``train`` reads top to bottom: data, model, optimizer, then one loop in which every
+distributed detail is one Accelerate call. A teacher trains on labeled images with crop/flip;
+a student (``pseudo`` given) trains noised on one concatenated batch of B labeled and
+ratio*B pseudo-labeled images, so BatchNorm sees the mix.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import datasets
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from . import augment
+from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
+from .data import (
+    ImageRows, PseudoRows, SourceLike, as_source, check_labels, collate, default_num_workers,
+    image_column_of, label_column_of, label_names_of, load_source, num_classes_of,
+)
+from .models import data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model
+
+# the paper's presets; `small-data` fits short CPU runs on a few thousand images
+PRESETS = {
+    'small-data': dict(opt='adamw', lr=1e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1.0,
+                       min_lr=1e-5, momentum=0.9),
+    'paper': dict(opt='rmsproptf', lr=0.016, weight_decay=1e-5, sched='step', warmup_epochs=5.0,
+                  min_lr=0.0, momentum=0.9, decay_epochs=2.4, decay_rate=0.97),
+}
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
+
+
+def resolve_precision(requested: str, workload: str = 'train') -> str:
+    """Accelerate's mixed_precision for a workload.
+
+    'auto' is bf16 for inference where the hardware has it, and for training on GPUs;
+    bf16 training on CPU was measured slower than fp32 for small images, so CPU trains in fp32.
+    """
+    if requested != 'auto':
+        if requested == 'fp16' and not torch.cuda.is_available():
+            raise UserError('fp16 needs a CUDA GPU; use --mixed-precision bf16 or no on CPU.')
+        return requested
+    if torch.cuda.is_available():
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+    if workload == 'inference' and cpu_has_fast_bf16():
+        return 'bf16'
+    return 'no'
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def make_accelerator(mixed_precision: str = 'no', seed: int = 0, **kwargs) -> Accelerator:
+    """An Accelerator with these settings, even if an earlier stage in this process chose others.
+
+    Accelerate keeps one process-wide state and refuses a second precision; stages of one run
+    legitimately differ (fp32 training, bf16 labeling), so the precision state is reset while
+    the distributed process group is kept.
+    """
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
+    return Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
+
+
+@dataclass
+class Stage:
+    """One training stage resolved to concrete numbers."""
+    model: str
+    pretrained: bool
+    epochs: int
+    image_size: Optional[int]
+    batch_size: int
+    lr: float
+    randaugment: Optional[str]
+    dropout: float
+    drop_path: float
+    unlabeled_ratio: int
+    opt: Dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_stage(stage: ModelStage, train_cfg: TrainConfig, noise: NoiseConfig, student: bool) -> Stage:
+    """Concrete settings for a stage: its own keys, then the run's, then the variant recipe."""
+    recipe = ns_recipe(stage.model) if student else None
+    opt = dict(PRESETS[train_cfg.preset])
+    for key in ('opt', 'lr', 'weight_decay', 'momentum', 'sched', 'warmup_epochs', 'min_lr'):
+        if getattr(train_cfg, key) is not None:
+            opt[key] = getattr(train_cfg, key)
+    if stage.lr is not None:
+        opt['lr'] = stage.lr
+
+    def pick(own, run, from_recipe, default):
+        return next(v for v in (own, run, from_recipe, default) if v is not None)
+
+    if student:
+        randaugment = pick(stage.randaugment, noise.randaugment,
+                           recipe.randaugment if recipe else None, 'none')
+        dropout = pick(stage.dropout, noise.dropout, recipe.dropout if recipe else None, 0.2)
+        drop_path = pick(stage.drop_path, noise.drop_path, recipe.drop_path if recipe else None, 0.2)
+        ratio = pick(stage.unlabeled_ratio, train_cfg.unlabeled_ratio,
+                     recipe.unlabeled_ratio if recipe else None, 3)
+    else:
+        # the teacher is not noised beyond crop/flip; its own dropout keeps timm's default
+        randaugment, ratio = 'none', 0
+        dropout = stage.dropout if stage.dropout is not None else 0.2
+        drop_path = stage.drop_path if stage.drop_path is not None else 0.0
+    return Stage(
+        model=stage.model, pretrained=stage.pretrained,
+        epochs=stage.epochs if stage.epochs is not None else train_cfg.epochs,
+        image_size=stage.image_size, batch_size=stage.batch_size or train_cfg.batch_size,
+        lr=opt.pop('lr'), randaugment=None if randaugment == 'none' else randaugment,
+        dropout=dropout, drop_path=drop_path, unlabeled_ratio=ratio, opt=opt)
+
+
+def _source_columns(source) -> Dict[str, Optional[str]]:
+    if isinstance(source, DataSource):
+        return {'image': source.image_column, 'label': source.label_column}
+    return {'image': None, 'label': None}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, obj: Any) -> None:
+    with open(path, 'a') as f:
+        f.write(json.dumps(obj) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_pseudo(pseudo_dir: Path) -> tuple:
+    """The selected pseudo labels of a label directory, and its stats."""
+    pseudo_dir = Path(pseudo_dir)
+    stats_file = pseudo_dir / 'stats.json'
+    files = sorted((pseudo_dir / 'data').glob('*.parquet'))
+    if not stats_file.is_file() or not files:
+        raise UserError(f'{pseudo_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
+                        'make one with `noisystudent label`.')
+    stats = json.loads(stats_file.read_text())
+    table = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
+    if len(table) == 0:
+        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
+    return table, stats
+
+
+class _Cycle:
+    """Endless batches from a prepared loader, one pass after another, resumable by count."""
+
+    def __init__(self, loader, seen: int = 0):
+        self.loader = loader
+        self.seen = seen
+        self._it = None
+
+    def _start(self):
+        per_pass = len(self.loader)
+        epoch, offset = divmod(self.seen, per_pass)
+        self.loader.set_epoch(epoch)
+        self.loader.dataset.set_epoch(epoch)
+        loader = self.loader
+        if offset:
+            loader = skip_first_batches(self.loader, offset)
+        self._it = iter(loader)
+
+    def next(self):
+        if self._it is None:
+            self._start()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._start()
+            batch = next(self._it)
+        self.seen += 1
+        if self.seen % len(self.loader) == 0:
+            self._it = None
+        return batch
+
+
+def _loader(rows, batch_size, shuffle, num_workers, drop_last=False):
+    # An own generator: starting an iterator must not draw from the global RNG, or a resumed
+    # run (which starts one mid-epoch) would shift every dropout mask after it.
+    return torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
+        drop_last=drop_last, generator=torch.Generator().manual_seed(0))
+
+
+def _checkpoint_dirs(root: Path):
+    return sorted(root.glob('step-*'), key=lambda p: int(p.name.split('-')[1])) if root.is_dir() else []
+
+
+def _save_checkpoint(accelerator, root: Path, state: Dict[str, Any], keep: int, ema) -> None:
+    """Save the full training state atomically: a temp dir renamed once every process wrote."""
+    name = f"step-{state['step']:08d}"
+    final = root / name
+    tmp = root / f'.{name}.tmp'
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # the EMA weights go in safetensors beside Accelerate's state, never pickled
+            save_file(_contiguous(ema.state_dict()), str(tmp / 'ema.safetensors'))
+            _write_json(tmp / 'trainer_state.json', state)
+            for f in tmp.iterdir():
+                if f.is_file():
+                    with open(f, 'rb') as fh:
+                        os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in _checkpoint_dirs(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f'cannot write a checkpoint in {root} ({e.strerror or e}); free space or '
+                        'fix permissions, then rerun with --resume: the last good checkpoint is kept.') from e
+    accelerator.wait_for_everyone()
+
+
+def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _latest_checkpoint(root: Path) -> Optional[Path]:
+    done = [d for d in _checkpoint_dirs(root) if (d / 'trainer_state.json').is_file()]
+    return done[-1] if done else None
+
+
+def default_ema_decay(total_steps: int) -> float:
+    """An EMA horizon of about a tenth of the run: 0.9999 at ImageNet scale, less for short runs."""
+    return float(min(0.9999, max(0.9, 1.0 - 10.0 / max(total_steps, 1))))
+
+
+@torch.inference_mode()
+def evaluate(model, loader, accelerator, num_classes: int) -> Dict[str, float]:
+    """Top-1/top-5 (percent) and loss over a prepared loader; gather_for_metrics drops padding."""
+    model.eval()
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    count = skipped = 0
+    k = min(5, num_classes)
+    for batch in loader:
+        skipped += len(batch.skipped)
+        if batch.pixel_values.numel() == 0:
+            continue
+        x = batch.pixel_values.to(accelerator.device)
+        y = batch.label.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(x)
+        logits, y = accelerator.gather_for_metrics((logits.float(), y))
+        top = logits.topk(k, dim=-1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=-1).sum().item()
+        loss_sum += F.cross_entropy(logits, y, reduction='sum').item()
+        count += y.numel()
+    if count == 0:
+        raise UserError('no evaluation image could be decoded.')
+    return {'top1': 100.0 * correct1 / count, 'top5': 100.0 * correct5 / count,
+            'loss': loss_sum / count, 'images': count, 'skipped': skipped}
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and stops."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_classes):
+    ds = load_source(source)
+    if isinstance(ds, datasets.IterableDataset):
+        raise UserError('evaluation data cannot be streamed; drop streaming for the eval split.')
+    cols = _source_columns(as_source(source))
+    label_col = label_column_of(ds, cols['label'])
+    check_labels(ds, label_col, num_classes, what='eval')
+    rows = ImageRows(ds, image_column_of(ds, cols['image']), timm.data.create_transform(**data_config),
+                     label_column=label_col)
+    return _loader(rows, batch_size, shuffle=False, num_workers=num_workers)
+
+
+def train(
+        stage: ModelStage,
+        labeled: SourceLike,
+        output: os.PathLike,
+        *,
+        eval_data: Optional[SourceLike] = None,
+        pseudo: Optional[os.PathLike] = None,
+        unlabeled: Optional[SourceLike] = None,
+        train_cfg: Optional[TrainConfig] = None,
+        noise: Optional[NoiseConfig] = None,
+        seed: int = 0,
+        resume: bool = False,
+        progress: bool = True,
+        freeze_blocks: int = 0,
+) -> Dict[str, Any]:
+    """Train a teacher (no ``pseudo``) or a noised student, evaluate its EMA, export it.
+
+    Writes ``OUTPUT/model/`` (plain-timm export), ``metrics.json``, ``metrics.jsonl`` and
+    ``checkpoints/``. Returns the final metrics.
+    """
+    train_cfg = train_cfg or TrainConfig()
+    noise = noise or NoiseConfig()
+    student = pseudo is not None
+    spec = resolve_stage(stage, train_cfg, noise, student)
+    output = Path(output)
+    accelerator = make_accelerator(
+        resolve_precision(train_cfg.mixed_precision, 'train'), seed=seed,
+        gradient_accumulation_steps=train_cfg.grad_accum_steps,
+        log_with=train_cfg.log_with, project_dir=str(output))
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+    set_seed(seed)
+
+    # data
+    labeled_src = as_source(labeled)
+    labeled_ds = load_source(labeled_src)
+    if isinstance(labeled_ds, datasets.IterableDataset):
+        raise UserError('the labeled set cannot be streamed; it is read many times.')
+    cols = _source_columns(labeled_src)
+    image_col = image_column_of(labeled_ds, cols['image'])
+    label_col = label_column_of(labeled_ds, cols['label'])
+    label_names = label_names_of(labeled_ds, label_col)
+    num_classes = num_classes_of(labeled_ds, label_col)
+    check_labels(labeled_ds, label_col, num_classes)
+
+    # model: a new head when the class count differs from the source's
+    model = load_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes,
+                       drop_rate=spec.dropout, drop_path_rate=spec.drop_path)
+    label_names = label_names or model_label_names(model)
+    data_config = data_config_of(model, spec.image_size)
+    _freeze_early_blocks(model, freeze_blocks)
+
+    num_workers = train_cfg.num_workers if train_cfg.num_workers is not None else default_num_workers()
+    B = spec.batch_size
+    if student:
+        pseudo_table, pseudo_stats = read_pseudo(Path(pseudo))
+        unlabeled_src = as_source(unlabeled) if unlabeled is not None else DataSource(**pseudo_stats['source'])
+        unlabeled_ds = load_source(unlabeled_src)
+        if isinstance(unlabeled_ds, datasets.IterableDataset):
+            raise UserError('student training needs random access to the unlabeled set; '
+                            'save it to disk (or drop streaming) for training.')
+        teacher_classes = int(pseudo_stats.get('num_classes', num_classes))
+        if teacher_classes != num_classes:
+            raise UserError(f'the pseudo labels have {teacher_classes} classes but the labeled set has '
+                            f'{num_classes}; label with a teacher trained on this labeled set.')
+        hard = not pseudo_stats.get('soft', True)
+        noisy = augment.student_transform(data_config, spec.randaugment)
+        un_rows = ImageRows(unlabeled_ds, image_column_of(unlabeled_ds, _source_columns(unlabeled_src)['image']),
+                            noisy, seed=seed + 1)
+        main_rows = PseudoRows(pseudo_table, un_rows, num_classes, hard=hard)
+        labeled_rows = ImageRows(labeled_ds, image_col, noisy, label_column=label_col, seed=seed)
+        main_loader = _loader(main_rows, B * spec.unlabeled_ratio, True, num_workers,
+                              drop_last=len(main_rows) > B * spec.unlabeled_ratio)
+        side_loader = _loader(labeled_rows, B, True, num_workers, drop_last=len(labeled_rows) > B)
+    else:
+        hard = True
+        labeled_rows = ImageRows(labeled_ds, image_col, augment.teacher_transform(data_config),
+                                 label_column=label_col, seed=seed)
+        main_loader = _loader(labeled_rows, B, True, num_workers, drop_last=len(labeled_rows) > B)
+        side_loader = None
+
+    eval_loader = None
+    if eval_data is not None:
+        eval_loader = _eval_loader(eval_data, data_config, train_cfg.eval_batch_size or 2 * B, num_workers,
+                                   num_classes)
+
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt_kwargs = {k: v for k, v in spec.opt.items() if k in ('opt', 'weight_decay', 'momentum')}
+    optimizer = create_optimizer_v2(model, lr=spec.lr, **opt_kwargs) if len(trainable) == len(
+        list(model.parameters())) else create_optimizer_v2(trainable, lr=spec.lr, **opt_kwargs)
+
+    if train_cfg.compile:
+        model = torch.compile(model)
+    model, optimizer, main_loader = accelerator.prepare(model, optimizer, main_loader)
+    if side_loader is not None:
+        side_loader = accelerator.prepare(side_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    steps_per_epoch = len(main_loader)
+    updates_per_epoch = math.ceil(steps_per_epoch / train_cfg.grad_accum_steps)
+    total_steps = steps_per_epoch * spec.epochs
+    if train_cfg.max_steps:
+        total_steps = min(total_steps, train_cfg.max_steps)
+    sched_kwargs = {k: spec.opt[k] for k in ('decay_epochs', 'decay_rate') if k in spec.opt}
+    # warmup never takes more than a tenth of a short run
+    warmup = min(float(spec.opt.get('warmup_epochs', 0)), 0.1 * spec.epochs)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=spec.opt['sched'], num_epochs=spec.epochs, warmup_epochs=warmup,
+        min_lr=spec.opt.get('min_lr', 0.0), warmup_lr=spec.lr * 0.01, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch, **sched_kwargs)
+    ema_decay = train_cfg.ema_decay or default_ema_decay(math.ceil(total_steps / train_cfg.grad_accum_steps))
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=ema_decay, use_warmup=train_cfg.ema_warmup,
+                     device=accelerator.device)
+
+    ckpt_root = output / 'checkpoints'
+    state = {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'updates': 0, 'side_seen': 0, 'images': 0,
+             'seconds': 0.0}
+    if resume:
+        last = _latest_checkpoint(ckpt_root)
+        if last is not None:
+            accelerator.load_state(str(last))
+            ema.load_state_dict(load_file(str(last / 'ema.safetensors'), device=str(accelerator.device)))
+            state = json.loads((last / 'trainer_state.json').read_text())
+            accelerator.print(f'resuming from {last} (epoch {state["epoch"]}, step {state["step"]})')
+    elif accelerator.is_main_process:
+        # a fresh start must not mix with an older run's history
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        for name in ('metrics.jsonl', 'metrics.json'):
+            (output / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+    if train_cfg.log_with:
+        accelerator.init_trackers(output.name, config={'model': spec.model, 'epochs': spec.epochs, 'lr': spec.lr,
+                                                       'batch_size': B, 'student': student})
+
+    soft_ce = SoftTargetCrossEntropy()
+    side = _Cycle(side_loader, state['side_seen']) if side_loader is not None else None
+    bar = tqdm(total=total_steps, initial=state['step'], disable=not (progress and accelerator.is_main_process),
+               desc=f"{'student' if student else 'teacher'} {spec.model}", dynamic_ncols=True, leave=False)
+    metrics: Dict[str, Any] = {}
+    t_start = time.perf_counter() - state['seconds']
+    window_t, window_imgs = time.perf_counter(), 0
+    with _StopFlag() as stop:
+        while state['step'] < total_steps:
+            epoch = state['epoch']
+            main_loader.set_epoch(epoch)
+            main_loader.dataset.set_epoch(epoch)
+            loader = main_loader
+            if state['step_in_epoch']:
+                loader = skip_first_batches(main_loader, state['step_in_epoch'])
+            model.train()
+            for batch in loader:
+                x, y = batch.pixel_values, batch.label
+                n_main = x.shape[0]
+                if side is not None:
+                    lb = side.next()
+                    x = torch.cat([lb.pixel_values, x]) if n_main else lb.pixel_values
+                    n_lab = lb.pixel_values.shape[0]
+                x = x.to(accelerator.device, non_blocking=True)
+                if train_cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        logits = model(x).float()
+                    if side is None:
+                        loss = F.cross_entropy(logits, y.to(accelerator.device),
+                                               label_smoothing=train_cfg.label_smoothing)
+                    else:
+                        loss = F.cross_entropy(logits[:n_lab], lb.label.to(accelerator.device),
+                                               label_smoothing=train_cfg.label_smoothing)
+                        if n_main:
+                            target = y.to(accelerator.device)
+                            u = (F.cross_entropy(logits[n_lab:], target, label_smoothing=train_cfg.label_smoothing)
+                                 if hard else soft_ce(logits[n_lab:], target))
+                            loss = loss + spec.unlabeled_ratio * u
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    state['updates'] += 1
+                    scheduler.step_update(state['updates'])
+                    ema.update(accelerator.unwrap_model(model), step=state['updates'])
+                state['step'] += 1
+                state['step_in_epoch'] += 1
+                state['side_seen'] = side.seen if side is not None else 0
+                images = x.shape[0] * accelerator.num_processes
+                state['images'] += images
+                window_imgs += images
+                lr = optimizer.param_groups[0]['lr']
+                if bar.n % 5 == 0 or state['step'] == total_steps:
+                    now = time.perf_counter()
+                    bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}',
+                                    img_s=f'{window_imgs / max(now - window_t, 1e-9):.1f}')
+                    window_t, window_imgs = now, 0
+                bar.update(1)
+                if train_cfg.log_with:
+                    accelerator.log({'train/loss': loss.item(), 'train/lr': lr}, step=state['step'])
+                epoch_done = state['step_in_epoch'] >= steps_per_epoch
+                if epoch_done:
+                    state['epoch'] += 1
+                    state['step_in_epoch'] = 0
+                state['seconds'] = time.perf_counter() - t_start
+                every = train_cfg.checkpoint_every
+                if stop.signal is not None or (every and state['step'] % every == 0 and not epoch_done):
+                    _save_checkpoint(accelerator, ckpt_root, state, train_cfg.keep_checkpoints, ema)
+                    if stop.signal is not None:
+                        bar.close()
+                        raise Preempted(
+                            f'stopped by signal {stop.signal}; checkpoint saved in {ckpt_root}. '
+                            'Run the same command again (train: add --resume) to continue.')
+                if epoch_done or state['step'] >= total_steps:
+                    break
+            metrics = _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg)
+            _save_checkpoint(accelerator, ckpt_root, state, train_cfg.keep_checkpoints, ema)
+    bar.close()
+
+    if not metrics and eval_loader is not None:  # resumed after the last step
+        metrics = evaluate(ema.module, eval_loader, accelerator, num_classes)
+    final = {'top1': metrics.get('top1'), 'top5': metrics.get('top5'), 'loss': metrics.get('loss'),
+             'epoch': state['epoch'], 'step': state['step'], 'images_seen': state['images'],
+             'seconds': round(state['seconds'], 2),
+             'img_per_s': round(state['images'] / max(state['seconds'], 1e-9), 2),
+             'labeled_images': len(labeled_rows), 'pseudo_images': len(main_rows) if student else 0,
+             'model': spec.model, 'num_classes': num_classes, 'image_size': data_config['input_size'][-1],
+             'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
+                       'unlabeled_ratio': spec.unlabeled_ratio} if student else None,
+             'ema_decay': ema_decay, 'lr': spec.lr, 'batch_size': B}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_model = ema.module
+        save_model(export_model, output / 'model', label_names=label_names, data_config=data_config)
+        _write_json(output / 'metrics.json', final)
+    accelerator.wait_for_everyone()
+    if train_cfg.log_with:
+        accelerator.end_training()
+    return final
+
+
+def _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg) -> Dict[str, Any]:
+    metrics: Dict[str, Any] = {}
+    if eval_loader is not None:
+        metrics = evaluate(ema.module, eval_loader, accelerator, num_classes)
+    line = {'epoch': state['epoch'], 'step': state['step'], 'train_loss': round(loss.item(), 5),
+            **{k: metrics[k] for k in ('top1', 'top5', 'loss') if k in metrics},
+            'seconds': round(state['seconds'], 2)}
+    if accelerator.is_main_process:
+        _append_jsonl(output / 'metrics.jsonl', line)
+    if train_cfg.log_with and metrics:
+        accelerator.log({f'eval/{k}': metrics[k] for k in ('top1', 'top5', 'loss')}, step=state['step'])
+    return metrics
+
+
+def _freeze_early_blocks(model, n_blocks: int) -> None:
+    """Freeze the stem and the first ``n_blocks`` stages (the paper's last fine-tune step)."""
+    if n_blocks <= 0:
+        return
+    for name, module in model.named_children():
+        if name in ('conv_stem', 'bn1'):
+            module.requires_grad_(False)
+    blocks = getattr(model, 'blocks', [])
+    for block in list(blocks)[:n_blocks]:
+        block.requires_grad_(False)
+
+
+def evaluate_model(
+        model_spec: str,
+        data: SourceLike,
+        batch_size: int = 64,
+        image_size: Optional[int] = None,
+        mixed_precision: str = 'auto',
+        num_workers: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Top-1/top-5 of a model (name, hf-hub: id or directory) on a labeled split."""
+    accelerator = make_accelerator(resolve_precision(mixed_precision, 'inference'))
+    model = load_model(model_spec)
+    data_config = data_config_of(model, image_size)
+    loader = _eval_loader(data, data_config, batch_size,
+                          default_num_workers() if num_workers is None else num_workers, model.num_classes)
+    model = model.to(memory_format=torch.channels_last)
+    model, loader = accelerator.prepare(model, loader)
+    return evaluate(model, loader, accelerator, accelerator.unwrap_model(model).num_classes)
