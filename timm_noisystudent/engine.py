@@ -168,6 +168,8 @@ def read_pseudo(pseudo_dir: Path) -> tuple:
         raise UserError(f'{pseudo_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
                         'make one with `noisystudent label`.')
     stats = json.loads(stats_file.read_text())
+    if stats.get('rows_after') == 0:
+        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
     table = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
     if len(table) == 0:
         raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
@@ -341,9 +343,11 @@ def train(
         resume: bool = False,
         progress: bool = True,
         freeze_blocks: int = 0,
+        unaugmented: bool = False,
 ) -> Dict[str, Any]:
     """Train a teacher (no ``pseudo``) or a noised student, evaluate its EMA, export it.
 
+    ``unaugmented`` trains on the eval transform (the paper's last fine-tune at test resolution).
     Writes ``OUTPUT/model/`` (plain-timm export), ``metrics.json``, ``metrics.jsonl`` and
     ``checkpoints/``. Returns the final metrics.
     """
@@ -403,7 +407,8 @@ def train(
         side_loader = _loader(labeled_rows, B, True, num_workers, drop_last=len(labeled_rows) > B)
     else:
         hard = True
-        labeled_rows = ImageRows(labeled_ds, image_col, augment.teacher_transform(data_config),
+        light = timm.data.create_transform(**data_config) if unaugmented else augment.teacher_transform(data_config)
+        labeled_rows = ImageRows(labeled_ds, image_col, light,
                                  label_column=label_col, seed=seed)
         main_loader = _loader(labeled_rows, B, True, num_workers, drop_last=len(labeled_rows) > B)
         side_loader = None
