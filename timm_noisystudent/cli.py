@@ -13,8 +13,8 @@ from .config import UserError
 
 def _print_main(text: str) -> None:
     # under `accelerate launch` every process runs the command; only one should talk
-    from accelerate import PartialState
-    if PartialState().is_main_process:
+    from .engine import process_state
+    if process_state().is_main_process:
         print(text, flush=True)
 
 
@@ -120,6 +120,91 @@ def _per_class_arg(text: str):
     return int(text) if text.isdigit() else text
 
 
+def _cmd_label(args) -> None:
+    from .config import LabelsConfig, from_dict
+    from .labeling import label
+
+    settings = {'soft': not args.hard, 'temperature': args.temperature, 'threshold': args.threshold,
+                'per_class': args.per_class, 'topk': args.topk, 'batch_size': args.batch_size,
+                'mixed_precision': args.mixed_precision}
+    cfg = from_dict(LabelsConfig, {k: v for k, v in settings.items() if v is not None})
+    source = _source(args.data, args.split, args.image_column)
+    if args.streaming:
+        source.streaming = True
+    stats = label(args.teacher, source, args.output, cfg, seed=args.seed, num_workers=args.num_workers,
+                  image_size=args.image_size, rows_per_shard=args.rows_per_shard)
+    target = 'no balancing' if stats['per_class_target'] is None else f"{stats['per_class_target']} per class"
+    _print_main(f"labeled {stats['rows_labeled']} images ({stats['failed_count']} undecodable, "
+                f"{stats['rows_resumed']} from earlier shards) at {stats['img_per_s']:.1f} img/s; "
+                f"kept {stats['rows_before']} with confidence >= {stats['threshold']:g}, "
+                f"{stats['rows_after']} after balancing ({target}) -> {args.output}/data")
+
+
+def _is_main_process() -> bool:
+    # exports and pushes happen once, not once per `accelerate launch` process
+    from .engine import process_state
+    return process_state().is_main_process
+
+
+def _cmd_export(args) -> None:
+    from .hub import export
+
+    if _is_main_process():
+        out = export(args.src, args.out, repo_id=args.repo_id, license=args.license)
+        _print_main(f'exported {args.src} -> {out} (model.safetensors, config.json, README.md)')
+
+
+def _pushed(info) -> str:
+    return f'pull request: {info.pr_url}' if info.pr_url else f'commit: {info.commit_url}'
+
+
+def _cmd_push(args) -> None:
+    from .hub import push
+
+    if _is_main_process():
+        info = push(args.src, args.repo_id, private=args.private, revision=args.revision,
+                    create_pr=args.create_pr, commit_message=args.commit_message, license=args.license)
+        _print_main(f'pushed {args.src} to {args.repo_id}; {_pushed(info)}')
+
+
+def _cmd_push_labels(args) -> None:
+    from .hub import push_labels
+
+    if _is_main_process():
+        info = push_labels(args.labels_dir, args.repo_id, private=args.private, revision=args.revision,
+                           create_pr=args.create_pr, commit_message=args.commit_message, license=args.license)
+        _print_main(f'pushed {args.labels_dir} to dataset {args.repo_id}; {_pushed(info)}')
+
+
+def _add_push_args(p) -> None:
+    p.add_argument('--repo-id', required=True, help='ORG/NAME on the Hub (created if missing)')
+    p.add_argument('--private', action='store_true', help='create the repo private (an existing repo keeps its visibility)')
+    p.add_argument('--revision', help='branch to push to (created from main if missing), or refs/pr/N')
+    p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing to the branch')
+    p.add_argument('--commit-message')
+    p.add_argument('--license', help="license in the card metadata (default: a model's own, else apache-2.0; "
+                                     "'other' for pseudo labels)")
+
+
+def _cmd_run(args) -> None:
+    from .config import config_from_dict, config_to_yaml, read_config_dict, apply_overrides
+    from .pipeline import run
+
+    cfg = config_from_dict(apply_overrides(read_config_dict(args.config), args.overrides))
+    if args.output:
+        cfg.output = args.output
+    if args.print_config:
+        _print_main(config_to_yaml(cfg).rstrip())
+        return
+    run(cfg, restart_from=args.restart_from, progress=not args.no_progress)
+
+
+def _cmd_demo(args) -> None:
+    from .pipeline import demo
+
+    demo(args.output, progress=not args.no_progress)
+
+
 def _add_data_args(p, required=True) -> None:
     p.add_argument('--data', required=required, help='dataset: Hub id, image folder, parquet dir or save_to_disk dir')
     p.add_argument('--split', default='train', help='split, slicing allowed: train[:10%%]')
@@ -178,6 +263,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in --output')
     p.add_argument('--config', help='YAML with train: and noise: sections (flags override it)')
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser('label', help='pseudo-label an unlabeled set with a teacher, then select by confidence and class')
+    p.add_argument('--teacher', '-m', required=True, help='timm name, hf-hub:org/name or a local model directory')
+    p.add_argument('--data', required=True, help='unlabeled dataset: Hub id, image folder, parquet dir or save_to_disk dir')
+    p.add_argument('--split', default='train', help='split, slicing allowed: train[:10%%]')
+    p.add_argument('--image-column', help='image column (default: detected)')
+    p.add_argument('--streaming', action='store_true', help='stream the dataset instead of downloading it whole')
+    p.add_argument('--output', '-o', required=True, help='output directory (data/*.parquet, stats.json, confidence.png)')
+    p.add_argument('--hard', action='store_true', help='hard (one-hot argmax) labels instead of soft ones')
+    p.add_argument('--temperature', type=float, help='soft labels are softmax(logits / T) (default 1)')
+    p.add_argument('--threshold', type=float, help='keep images whose top-1 probability is >= this (default 0.3)')
+    p.add_argument('--per-class', type=_per_class_arg, metavar='auto|none|N',
+                   help='balance every class to N images; auto = the median class count (default)')
+    p.add_argument('--topk', type=int, help='store the top-k probabilities instead of all (default: 10 above 100 classes)')
+    p.add_argument('--batch-size', type=int)
+    p.add_argument('--image-size', type=int, help="the teacher's input size (default: its own data config)")
+    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'])
+    p.add_argument('--seed', type=int, default=0, help='seed of the duplication draw when balancing')
+    p.add_argument('--num-workers', type=int)
+    p.add_argument('--rows-per-shard', type=int, help='rows per output shard, the unit of resume')
+    p.set_defaults(fn=_cmd_label)
+
+    p = sub.add_parser('export', help='write a model directory for the Hub: model.safetensors, config.json, README.md')
+    p.add_argument('src', metavar='SRC', help='model directory, run stage directory, or run directory (its final student)')
+    p.add_argument('out', metavar='OUT', help='directory to write (replaced whole if it holds an earlier export)')
+    p.add_argument('--repo-id', help='ORG/NAME the card\'s usage snippet loads (default: a placeholder that push fills in)')
+    p.add_argument('--license', help="license in the card metadata (default: the model's own, else apache-2.0)")
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser('push', help='export a model and upload it to a Hub model repo as one commit')
+    p.add_argument('src', metavar='SRC', help='model directory, run stage directory, or run directory (its final student)')
+    _add_push_args(p)
+    p.set_defaults(fn=_cmd_push)
+
+    p = sub.add_parser('push-labels', help='upload a pseudo-label directory to a Hub dataset repo as one commit')
+    p.add_argument('labels_dir', metavar='LABELS_DIR', help='directory written by `noisystudent label`')
+    _add_push_args(p)
+    p.set_defaults(fn=_cmd_push_labels)
+
+    p = sub.add_parser('run', help='the whole Noisy Student loop from a YAML config')
+    p.add_argument('config', metavar='CONFIG.yaml')
+    p.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='override config keys: teacher.epochs=5')
+    p.add_argument('--output', '-o', help='run directory (default: the config\'s output)')
+    p.add_argument('--restart-from', metavar='STAGE', help='redo this stage and every later one (e.g. iter1-labels)')
+    p.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser('demo', help='the embedded default: Noisy Student on scikit-learn digits, no download')
+    p.add_argument('--output', '-o', default='runs/demo', help='everything is written under this directory')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser('eval', help='top-1 and top-5 of a model on a labeled split')
     p.add_argument('--model', '-m', required=True)

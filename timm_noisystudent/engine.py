@@ -19,9 +19,9 @@ import datasets
 import timm
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState, skip_first_batches
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from safetensors.torch import load_file, save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -75,6 +75,15 @@ def cpu_has_fast_bf16() -> bool:
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
+def process_state() -> PartialState:
+    """Accelerate's process state, initialised as ``Accelerator`` would be.
+
+    A bare ``PartialState()`` ignores ``ACCELERATE_USE_CPU``; created first, it would pin a
+    multi-process CPU launch to one process for the rest of the run.
+    """
+    return PartialState(cpu=parse_flag_from_env('ACCELERATE_USE_CPU'))
+
+
 def make_accelerator(mixed_precision: str = 'no', seed: int = 0, **kwargs) -> Accelerator:
     """An Accelerator with these settings, even if an earlier stage in this process chose others.
 
@@ -84,6 +93,7 @@ def make_accelerator(mixed_precision: str = 'no', seed: int = 0, **kwargs) -> Ac
     """
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    process_state()
     config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     return Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
 
@@ -141,6 +151,14 @@ def _source_columns(source) -> Dict[str, Optional[str]]:
     if isinstance(source, DataSource):
         return {'image': source.image_column, 'label': source.label_column}
     return {'image': None, 'label': None}
+
+
+def _source_record(source) -> Optional[Dict[str, Any]]:
+    """Where an evaluation came from, for the model card; None for in-memory datasets."""
+    source = as_source(source) if source is not None else None
+    if not isinstance(source, DataSource):
+        return None
+    return {'path': source.path, 'name': source.name, 'split': source.split}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -547,7 +565,9 @@ def train(
                             'Run the same command again (train: add --resume) to continue.')
                 if epoch_done or state['step'] >= total_steps:
                     break
-            metrics = _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg)
+            metrics = _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg,
+                                    eval_every=max(1, math.ceil(spec.epochs / 10)),
+                                    last=state['step'] >= total_steps)
             _save_checkpoint(accelerator, ckpt_root, state, train_cfg.keep_checkpoints, ema)
     bar.close()
 
@@ -561,7 +581,8 @@ def train(
              'model': spec.model, 'num_classes': num_classes, 'image_size': data_config['input_size'][-1],
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
                        'unlabeled_ratio': spec.unlabeled_ratio} if student else None,
-             'ema_decay': ema_decay, 'lr': spec.lr, 'batch_size': B}
+             'ema_decay': ema_decay, 'lr': spec.lr, 'batch_size': B,
+             'eval': _source_record(eval_data)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_model = ema.module
@@ -573,9 +594,11 @@ def train(
     return final
 
 
-def _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg) -> Dict[str, Any]:
+def _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg,
+                  eval_every: int, last: bool) -> Dict[str, Any]:
     metrics: Dict[str, Any] = {}
-    if eval_loader is not None:
+    # about ten evaluations per stage: on small data one eval costs more than an epoch
+    if eval_loader is not None and (last or state['epoch'] % eval_every == 0):
         metrics = evaluate(ema.module, eval_loader, accelerator, num_classes)
     line = {'epoch': state['epoch'], 'step': state['step'], 'train_loss': round(loss.item(), 5),
             **{k: metrics[k] for k in ('top1', 'top5', 'loss') if k in metrics},

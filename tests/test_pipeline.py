@@ -1,0 +1,164 @@
+"""The whole loop end to end on tiny digits: teacher -> labels -> student -> labels -> student."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+
+import timm_noisystudent
+from timm_noisystudent.config import UserError
+from timm_noisystudent.pipeline import format_summary, run, write_demo_data
+
+CLI = [sys.executable, '-m', 'timm_noisystudent']
+STAGES = ['iter0-teacher', 'iter1-labels', 'iter1-student', 'iter2-labels', 'iter2-student']
+
+
+def _env():
+    from conftest import hub_env
+    return hub_env(OMP_NUM_THREADS='1')
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('demo') / 'data'
+    write_demo_data(root, per_class=5, n_test=100)
+    return root
+
+
+def _config(root: Path, out: Path) -> dict:
+    return {
+        'labeled': str(root / 'labeled'),
+        'unlabeled': {'path': str(root / 'unlabeled'), 'split': 'train[:160]'},
+        'eval': str(root / 'test'),
+        'teacher': {'model': 'test_efficientnet', 'epochs': 2, 'image_size': 32},
+        'students': [{'model': 'test_efficientnet', 'epochs': 1}, {'model': 'test_efficientnet', 'epochs': 1}],
+        'labels': {'threshold': 0.0, 'batch_size': 64},
+        'noise': {'randaugment': 'tf-m5-n2', 'dropout': 0.2, 'drop_path': 0.1},
+        'train': {'batch_size': 8, 'unlabeled_ratio': 2, 'max_steps': 3, 'num_workers': 0, 'mixed_precision': 'no'},
+        'output': str(out),
+    }
+
+
+@pytest.fixture(scope='module')
+def finished(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp('run') / 'run'
+    summary = timm_noisystudent.run(_config(data_root, out), progress=False, echo=False)
+    return out, summary
+
+
+def test_every_artifact_exists_and_loads(finished):
+    out, summary = finished
+    assert [r['stage'] for r in summary['stages']] == STAGES
+    assert json.loads((out / 'summary.json').read_text())['stages'] == summary['stages']
+    for row in summary['stages']:
+        assert set(row) >= {'stage', 'model', 'teacher', 'top1', 'top5', 'labeled_images', 'pseudo_images', 'seconds'}
+        assert (out / row['stage'] / 'DONE').is_file()
+    students = [r for r in summary['stages'] if r['stage'].endswith('student')]
+    assert all(0 <= r['top1'] <= 100 and r['pseudo_images'] > 0 and r['labeled_images'] == 50 for r in students)
+    assert students[0]['teacher'] == 'test_efficientnet'
+    assert (out / 'summary.md').read_text().startswith('| stage | model |')
+    assert (out / 'accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    labels = datasets.load_dataset('parquet', data_files=str(out / 'iter1-labels' / 'data' / '*.parquet'),
+                                   split='train')
+    assert set(labels.column_names) >= {'index', 'probs', 'label', 'confidence'}
+    saved = yaml.safe_load((out / 'config.yaml').read_text())
+    assert saved['teacher']['epochs'] == 2 and saved['output'] == str(out)
+    for model_dir in (out / 'iter0-teacher' / 'model', out / 'iter2-student' / 'model', out / 'final'):
+        code = (f"import timm, sys; m = timm.create_model('local-dir:{model_dir}', pretrained=True); "
+                "assert 'timm_noisystudent' not in sys.modules; print(m.num_classes)")
+        proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.strip() == '10', proc.stderr[-1000:]
+    assert not list(out.rglob('*.tmp*'))
+
+
+def test_summary_flags_students_below_their_teacher():
+    from timm_noisystudent.pipeline import _summary
+    rows = [{'stage': 'iter0-teacher', 'model': 'a', 'top1': 80.0}, {'stage': 'iter1-labels', 'model': 'a', 'top1': None},
+            {'stage': 'iter1-student', 'model': 'a', 'top1': 70.0}, {'stage': 'iter2-student', 'model': 'b', 'top1': 75.0}]
+    summary = _summary([dict(r) for r in rows], [])
+    assert [r.get('below_teacher') for r in summary['stages']] == [False, None, True, False]
+    assert len(summary['flags']) == 1 and 'iter1-student' in summary['flags'][0]
+    table = format_summary({'stages': [dict(r, teacher=None, top5=None, labeled_images=1, pseudo_images=0,
+                                            seconds=1.0) for r in rows]})
+    assert table.splitlines()[0].split()[:3] == ['stage', 'model', 'teacher']
+
+
+def test_rerun_skips_finished_stages_and_refuses_a_changed_config(finished, data_root, capsys):
+    out, summary = finished
+    stamps = {s: (out / s / 'DONE').stat().st_mtime_ns for s in STAGES}
+    again = run(_config(data_root, out), progress=False)
+    assert [r['top1'] for r in again['stages']] == [r['top1'] for r in summary['stages']]
+    assert capsys.readouterr().out.count('done, skipped') == len(STAGES)
+    assert {s: (out / s / 'DONE').stat().st_mtime_ns for s in STAGES} == stamps
+    changed = _config(data_root, out)
+    changed['students'][1]['epochs'] = 2
+    with pytest.raises(UserError, match='--restart-from iter2-student'):
+        run(changed, progress=False, echo=False)
+    run(changed, restart_from='iter2-student', progress=False, echo=False)
+    assert {s: (out / s / 'DONE').stat().st_mtime_ns for s in STAGES[:-1]} == {s: stamps[s] for s in STAGES[:-1]}
+    assert (out / 'iter2-student' / 'DONE').stat().st_mtime_ns != stamps['iter2-student']
+
+
+def test_killed_between_stages_resumes_where_it_stopped(data_root, tmp_path):
+    out = tmp_path / 'run'
+    cfg = tmp_path / 'config.yaml'
+    cfg.write_text(yaml.safe_dump(_config(data_root, out)))
+    cmd = CLI + ['run', str(cfg), '--no-progress']
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 300
+    while not (out / 'iter1-labels' / 'DONE').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / 'summary.json').exists()
+    done_before = {s for s in STAGES if (out / s / 'DONE').exists()}
+    assert {'iter0-teacher', 'iter1-labels'} <= done_before
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    for stage in done_before:
+        assert f'{stage}: done, skipped' in rerun.stdout
+    assert 'iter2-student' in rerun.stdout and (out / 'summary.json').is_file()
+    assert 'stage' in rerun.stdout and 'top-1' in rerun.stdout  # the table is printed
+
+
+def test_two_processes_produce_the_same_stages(data_root, tmp_path):
+    out = tmp_path / 'run'
+    cfg = tmp_path / 'config.yaml'
+    cfg.write_text(yaml.safe_dump(_config(data_root, out)))
+    launch = [str(Path(sys.executable).with_name('accelerate')), 'launch', '--multi_gpu', '--num_processes', '2',
+              '--main_process_port', '0', '-m', 'timm_noisystudent', 'run', str(cfg), '--no-progress']
+    proc = subprocess.run(launch, capture_output=True, text=True, env={**_env(), 'ACCELERATE_USE_CPU': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / 'summary.json').read_text())
+    assert [r['stage'] for r in summary['stages']] == STAGES
+    assert all((out / s / 'DONE').is_file() for s in STAGES)
+    assert (out / 'final' / 'model.safetensors').is_file()
+    assert proc.stdout.count('final model:') == 1
+
+
+def test_print_config_and_overrides(data_root, tmp_path, capsys):
+    from timm_noisystudent.cli import main
+    cfg = tmp_path / 'config.yaml'
+    cfg.write_text(yaml.safe_dump(_config(data_root, tmp_path / 'out')))
+    assert main(['run', str(cfg), 'teacher.epochs=7', 'labels.threshold=0.5', '--print-config']) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed['teacher']['epochs'] == 7 and printed['labels']['threshold'] == 0.5
+    assert not (tmp_path / 'out').exists()
+    assert main(['run', str(cfg), 'teacher.epoch=7']) == 2
+    assert "did you mean 'teacher.epochs'" in capsys.readouterr().err
+
+
+def test_demo_data_is_stratified_and_hides_labels(data_root):
+    info = json.loads((data_root / 'DONE').read_text())
+    assert info['labeled'] == 50 and info['test'] == 100
+    assert sorted(p.name for p in (data_root / 'labeled').iterdir()) == [f'digit_{i}' for i in range(10)]
+    assert all(len(list(p.iterdir())) == 5 for p in (data_root / 'labeled').iterdir())
+    unlabeled = list((data_root / 'unlabeled').iterdir())
+    assert all(p.is_file() for p in unlabeled) and len(unlabeled) == info['unlabeled']
+    hidden = json.loads((data_root / 'hidden_labels.json').read_text())
+    assert len(hidden) == info['unlabeled']
