@@ -21,10 +21,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(PIP) -e '.[demo]'
+	touch $@
+
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
-	$(BIN)/noisystudent models
+demo: $(VENV)/.installed-demo
+	$(BIN)/noisystudent demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
