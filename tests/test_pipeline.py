@@ -162,3 +162,12 @@ def test_demo_data_is_stratified_and_hides_labels(data_root):
     assert all(p.is_file() for p in unlabeled) and len(unlabeled) == info['unlabeled']
     hidden = json.loads((data_root / 'hidden_labels.json').read_text())
     assert len(hidden) == info['unlabeled']
+
+
+@pytest.mark.parametrize('path', sorted((Path(__file__).parents[1] / 'scripts' / 'configs').glob('*.yaml')),
+                         ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    from timm_noisystudent.config import load_config
+    from timm_noisystudent.pipeline import stage_names
+    cfg = load_config(path)
+    assert stage_names(cfg)[0] == 'iter0-teacher' and len(cfg.students) >= 1

@@ -58,7 +58,14 @@ def _cmd_predict(args) -> None:
 
 def _source(path, split, image_column=None, label_column=None, name=None):
     from .config import DataSource
-    return DataSource(path=path, name=name, split=split, image_column=image_column, label_column=label_column)
+    return DataSource(path=path, name=name, split=split or _eval_split(path), image_column=image_column,
+                      label_column=label_column)
+
+
+def _eval_split(path: str) -> str:
+    # a local folder or parquet dir loads as one `train` split; Hub datasets usually have `test`
+    import os
+    return 'train' if os.path.exists(os.path.expanduser(path)) else 'test'
 
 
 def _train_settings(args):
@@ -234,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('train', help='train a teacher, or a noised student with --pseudo')
     _add_data_args(p)
     p.add_argument('--eval-data', help='labeled dataset to evaluate on after each epoch')
-    p.add_argument('--eval-split', default='test')
+    p.add_argument('--eval-split', help='default: train for a local folder, test for a Hub dataset')
     p.add_argument('--model', '-m', default='tf_efficientnet_b0', help='timm name, hf-hub:org/name or directory')
     p.add_argument('--output', '-o', required=True, help='output directory (model/, metrics.json, checkpoints/)')
     p.add_argument('--pseudo', help='pseudo-label directory from `noisystudent label`: train a student')
@@ -319,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('eval', help='top-1 and top-5 of a model on a labeled split')
     p.add_argument('--model', '-m', required=True)
     _add_data_args(p)
-    p.set_defaults(split='test')
+    p.set_defaults(split=None)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--image-size', type=int)
     p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'], default='auto')
