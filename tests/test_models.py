@@ -181,7 +181,8 @@ def test_predict_uses_imagenet_names_for_1000_classes(tmp_path, capsys):
     assert main(['predict', str(img), '--model', 'test_efficientnet', '--no-pretrained', '--json']) == 0
     labels = {p['label'] for p in json.loads(capsys.readouterr().out)[0]['predictions']}
     from timm.data import ImageNetInfo
-    assert labels <= {ImageNetInfo().index_to_description(i) for i in range(1000)}
+    info = ImageNetInfo()
+    assert labels <= {info.index_to_description(i) for i in range(1000)}
 
 
 def test_predict_bad_image_is_one_line_exit_2(saved_model, tmp_path):

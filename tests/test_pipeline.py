@@ -171,3 +171,10 @@ def test_example_configs_are_valid(path):
     from timm_noisystudent.pipeline import stage_names
     cfg = load_config(path)
     assert stage_names(cfg)[0] == 'iter0-teacher' and len(cfg.students) >= 1
+
+
+def test_demo_config_is_a_valid_run(tmp_path):
+    from timm_noisystudent.pipeline import demo_config, stage_names
+    cfg = demo_config(tmp_path / 'data', tmp_path / 'out')
+    assert stage_names(cfg) == STAGES
+    assert cfg.teacher.image_size == 32 and all(s.model == cfg.teacher.model for s in cfg.students)

@@ -4,6 +4,7 @@ Every subcommand is a thin call into the library. A ``UserError`` becomes a one-
 and exit code 2; ``--debug`` shows the traceback instead.
 """
 import argparse
+import errno
 import json
 import sys
 from typing import List, Optional
@@ -43,7 +44,8 @@ def _cmd_models(args) -> None:
 def _cmd_predict(args) -> None:
     from .models import load_model, predict
 
-    model = load_model(args.model, pretrained=not args.no_pretrained, checkpoint=args.checkpoint)
+    model = load_model(args.model, pretrained=not args.no_pretrained, checkpoint=args.checkpoint,
+                       allow_pickle=args.allow_pickle)
     results = predict(model, args.images, top_k=args.top_k)
     if args.json:
         _print_main(json.dumps(results, indent=2))
@@ -92,7 +94,7 @@ def _train_settings(args):
 
 def _cmd_train(args) -> None:
     from .config import ModelStage
-    from .engine import train
+    from .engine import Preempted, train
 
     train_cfg, noise = _train_settings(args)
     stage = ModelStage(model=args.model, pretrained=args.pretrained, epochs=train_cfg.epochs,
@@ -100,10 +102,14 @@ def _cmd_train(args) -> None:
     unlabeled = _source(args.unlabeled_data, args.unlabeled_split) if args.unlabeled_data else None
     eval_data = _source(args.eval_data, args.eval_split, args.image_column, args.label_column) \
         if args.eval_data else None
-    metrics = train(
-        stage, _source(args.data, args.split, args.image_column, args.label_column), args.output,
-        eval_data=eval_data, pseudo=args.pseudo, unlabeled=unlabeled, train_cfg=train_cfg, noise=noise,
-        seed=args.seed, resume=args.resume, freeze_blocks=args.freeze_blocks)
+    try:
+        metrics = train(
+            stage, _source(args.data, args.split, args.image_column, args.label_column), args.output,
+            eval_data=eval_data, pseudo=args.pseudo, unlabeled=unlabeled, train_cfg=train_cfg, noise=noise,
+            seed=args.seed, resume=args.resume, freeze_blocks=args.freeze_blocks, allow_pickle=args.allow_pickle)
+    except Preempted as e:
+        again = 'again' if args.resume else 'again with --resume'
+        raise Preempted(f'{e} Run the same command {again} to continue.', e.signal) from None
     top1 = '-' if metrics['top1'] is None else f"{metrics['top1']:.2f}"
     top5 = '-' if metrics['top5'] is None else f"{metrics['top5']:.2f}"
     _print_main(f"{'student' if args.pseudo else 'teacher'} {metrics['model']}: top-1 {top1}  top-5 {top5}  "
@@ -115,7 +121,8 @@ def _cmd_eval(args) -> None:
 
     metrics = evaluate_model(args.model, _source(args.data, args.split, args.image_column, args.label_column),
                              batch_size=args.batch_size, image_size=args.image_size,
-                             mixed_precision=args.mixed_precision, num_workers=args.num_workers)
+                             mixed_precision=args.mixed_precision, num_workers=args.num_workers,
+                             allow_pickle=args.allow_pickle)
     if args.json:
         _print_main(json.dumps(metrics))
     else:
@@ -129,6 +136,7 @@ def _per_class_arg(text: str):
 
 def _cmd_label(args) -> None:
     from .config import LabelsConfig, from_dict
+    from .engine import Preempted
     from .labeling import label
 
     settings = {'soft': not args.hard, 'temperature': args.temperature, 'threshold': args.threshold,
@@ -138,8 +146,11 @@ def _cmd_label(args) -> None:
     source = _source(args.data, args.split, args.image_column)
     if args.streaming:
         source.streaming = True
-    stats = label(args.teacher, source, args.output, cfg, seed=args.seed, num_workers=args.num_workers,
-                  image_size=args.image_size, rows_per_shard=args.rows_per_shard)
+    try:
+        stats = label(args.teacher, source, args.output, cfg, seed=args.seed, num_workers=args.num_workers,
+                      image_size=args.image_size, rows_per_shard=args.rows_per_shard, allow_pickle=args.allow_pickle)
+    except Preempted as e:
+        raise Preempted(f'{e} Run the same command again to continue.', e.signal) from None
     target = 'no balancing' if stats['per_class_target'] is None else f"{stats['per_class_target']} per class"
     _print_main(f"labeled {stats['rows_labeled']} images ({stats['failed_count']} undecodable, "
                 f"{stats['rows_resumed']} from earlier shards) at {stats['img_per_s']:.1f} img/s; "
@@ -157,7 +168,7 @@ def _cmd_export(args) -> None:
     from .hub import export
 
     if _is_main_process():
-        out = export(args.src, args.out, repo_id=args.repo_id, license=args.license)
+        out = export(args.src, args.out, repo_id=args.repo_id, license=args.license, allow_pickle=args.allow_pickle)
         _print_main(f'exported {args.src} -> {out} (model.safetensors, config.json, README.md)')
 
 
@@ -212,11 +223,30 @@ def _cmd_demo(args) -> None:
     demo(args.output, progress=not args.no_progress)
 
 
+def _cmd_bench(args) -> None:
+    from .bench import format_table, run_bench
+
+    results = run_bench(n=args.n, model=args.model, batch_size=args.batch_size, device=args.device,
+                        image_size=args.image_size, num_workers=args.num_workers, workdir=args.workdir,
+                        seed=args.seed, train_steps=args.train_steps,
+                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+    print(format_table(results), flush=True)
+
+
 def _add_data_args(p, required=True) -> None:
     p.add_argument('--data', required=required, help='dataset: Hub id, image folder, parquet dir or save_to_disk dir')
     p.add_argument('--split', default='train', help='split, slicing allowed: train[:10%%]')
     p.add_argument('--image-column', help='image column (default: detected)')
     p.add_argument('--label-column', help='label column (default: detected)')
+
+
+def _add_allow_pickle(p) -> None:
+    p.add_argument('--allow-pickle', action='store_true',
+                   help='accept pickled weights (.bin, .pth) from a source you trust; only tensors are '
+                        'unpickled (torch.load with weights_only=True)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--top-k', type=int, default=5)
     p.add_argument('--json', action='store_true', help='print JSON instead of a table')
     p.add_argument('--no-pretrained', action='store_true', help='random weights for a timm name (for testing)')
+    _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_predict)
 
     p = sub.add_parser('train', help='train a teacher, or a noised student with --pseudo')
@@ -269,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in --output')
     p.add_argument('--config', help='YAML with train: and noise: sections (flags override it)')
+    _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser('label', help='pseudo-label an unlabeled set with a teacher, then select by confidence and class')
@@ -290,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='seed of the duplication draw when balancing')
     p.add_argument('--num-workers', type=int)
     p.add_argument('--rows-per-shard', type=int, help='rows per output shard, the unit of resume')
+    _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_label)
 
     p = sub.add_parser('export', help='write a model directory for the Hub: model.safetensors, config.json, README.md')
@@ -297,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('out', metavar='OUT', help='directory to write (replaced whole if it holds an earlier export)')
     p.add_argument('--repo-id', help='ORG/NAME the card\'s usage snippet loads (default: a placeholder that push fills in)')
     p.add_argument('--license', help="license in the card metadata (default: the model's own, else apache-2.0)")
+    _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser('push', help='export a model and upload it to a Hub model repo as one commit')
@@ -323,6 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     p.set_defaults(fn=_cmd_demo)
 
+    p = sub.add_parser('bench', help='labeling and student training speed against plain timm loops, side by side')
+    p.add_argument('--n', type=int, default=2048, help='JPEGs to generate and label (default 2048)')
+    p.add_argument('--model', '-m', default='tf_efficientnet_b0', help='timm name (random weights) or model directory')
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--image-size', type=int, help="square input size (default: the model's own)")
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--num-workers', type=int, help='DataLoader workers for every loop (default: the project default)')
+    p.add_argument('--train-steps', type=int, default=4, help='timed training steps per loop (default 4)')
+    p.add_argument('--workdir', help='keep the generated images here (and reuse them); default: a temp dir')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+    p.set_defaults(fn=_cmd_bench)
+
     p = sub.add_parser('eval', help='top-1 and top-5 of a model on a labeled split')
     p.add_argument('--model', '-m', required=True)
     _add_data_args(p)
@@ -332,8 +379,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'], default='auto')
     p.add_argument('--num-workers', type=int)
     p.add_argument('--json', action='store_true')
+    _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_eval)
     return parser
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_IN_THE_WAY = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+def _os_error(e: OSError) -> str:
+    """A failed read or write as one line that says what to do; atomic writers left no partial file."""
+    what = str(e.strerror or e).strip().splitlines()[0] + (f': {e.filename}' if e.filename else '')
+    if e.errno in _NO_SPACE:
+        hint = 'free some disk space, then run the same command again; finished work is kept'
+    elif e.errno == errno.EFBIG:
+        hint = ("a file outgrew the size limit (`ulimit -f`, or the filesystem's largest file); raise it or "
+                'write elsewhere, then run the same command again; finished work is kept')
+    elif e.errno in _NOT_WRITABLE:
+        hint = 'that location is not writable; fix its permissions or choose another output directory'
+    elif e.errno in _IN_THE_WAY:
+        hint = 'a file stands where a directory should be (or the reverse); choose another path'
+    else:
+        hint = 'check the path and the disk, then run the same command again'
+    return f'{what}; {hint}.'
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -346,11 +416,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
+    except OSError as e:  # a full disk, a read-only or missing directory: the user's to fix
+        if args.debug:
+            raise
+        print(f'error: {_os_error(e)}', file=sys.stderr, flush=True)
+        return 2
     except Exception as e:
         from .engine import Preempted
         if isinstance(e, Preempted):
             print(str(e), file=sys.stderr, flush=True)
-            return 143
+            return 128 + e.signal  # what a shell reports for a process ended by that signal
         raise
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ one broken file is skipped and counted instead of stopping a run.
 """
 import hashlib
 import io
+import math
 import os
 import random
 import re
@@ -61,10 +62,18 @@ def load_source(source: SourceLike) -> Union[datasets.Dataset, datasets.Iterable
             f'cannot load dataset {source.path!r} ({_first_line(e)}); check the id, or when offline set '
             'HF_DATASETS_OFFLINE=1 with the dataset in the cache, or pass a local folder.') from e
     except ConnectionError as e:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise UserError(
+                f'dataset {source.path!r} is not in the local cache and offline mode is on (HF_HUB_OFFLINE or '
+                'HF_DATASETS_OFFLINE); download it once online, point HF_HOME (or HF_DATASETS_CACHE) at a cache '
+                'that holds it, or pass a local folder.') from e
         raise UserError(
             f'cannot reach the Hub for dataset {source.path!r}; set HF_DATASETS_OFFLINE=1 to use the cache, '
             'or pass a local folder.') from e
     except ValueError as e:
+        if 'corresponds to no data' in str(e):
+            raise UserError(f'split {source.split!r} of {source.path} holds no rows; '
+                            'check the path and the split.') from e
         if 'split' in str(e).lower() or 'instruction' in str(e).lower():
             raise UserError(f'bad split {source.split!r} for {source.path}: {_first_line(e)}') from e
         raise
@@ -195,8 +204,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-def decode_image(value: Any) -> Optional[Image.Image]:
-    """An RGB image from a datasets image value, or None when it cannot be decoded."""
+def decode_image(value: Any, min_side: Optional[int] = None) -> Optional[Image.Image]:
+    """An RGB image from a datasets image value, or None when it cannot be decoded.
+
+    ``min_side``: the shorter side the image will be resized to; a JPEG at least twice as large
+    is decoded at 1/2, 1/4 or 1/8 scale (PIL's ``draft``), never below it, which makes decoding
+    large photos several times cheaper.
+    """
     try:
         if isinstance(value, Image.Image):
             img = value
@@ -210,6 +224,9 @@ def decode_image(value: Any) -> Optional[Image.Image]:
             img = Image.open(io.BytesIO(value))
         else:
             return None
+        if min_side and img.format == 'JPEG' and min(img.size) >= 2 * min_side:
+            scale = min_side / min(img.size)
+            img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             img.load()
@@ -221,13 +238,79 @@ def decode_image(value: Any) -> Optional[Image.Image]:
         return None
 
 
+class EvalTransform:
+    """timm's eval transform (resize the shorter side, center crop, ToTensor, Normalize), batched.
+
+    The same PIL resize and crop as ``create_transform(**data_config)``, but it returns uint8
+    CHW: ``normalize`` then does ToTensor's and Normalize's arithmetic once on the whole batch,
+    on the model's device, in channels_last, and DataLoader workers send a quarter of the bytes.
+    The input is bit for bit timm's. (Resampling only the box that the crop keeps costs half as
+    much but moves pixels by a few levels, so labels would no longer match a timm forward.)
+    ``of`` gives timm's own transform back for configs this does not cover.
+    """
+
+    def __init__(self, short_side: int, crop: Sequence[int], resample: int, mean, std, draft: bool = False):
+        self.short_side = short_side
+        # JPEG draft decoding changes pixels (and, measured, top-1 of near-ties): only on request
+        self.draft_side = short_side if draft else None
+        self.crop_h, self.crop_w = crop
+        self.resample = resample
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @classmethod
+    def of(cls, data_config: Dict[str, Any], draft: bool = False) -> Callable:
+        """The fast transform for a timm eval config, or timm's transform where they would differ.
+
+        ``draft``: decode JPEGs at least twice the resize at reduced scale (see ``decode_image``).
+        """
+        import timm
+        from torchvision import transforms as T
+
+        timm_tf = timm.data.create_transform(**data_config)
+        steps = list(getattr(timm_tf, 'transforms', []))
+        kinds = [type(t).__name__ for t in steps]
+        if kinds != ['Resize', 'CenterCrop', 'MaybeToTensor', 'Normalize']:
+            return timm_tf
+        resize, crop, _, norm = steps
+        size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
+        crop_hw = tuple(crop.size)
+        if size is None or resize.max_size is not None or size < max(crop_hw):
+            return timm_tf  # a two-sided resize, or a crop that pads
+        resample = T.functional.pil_modes_mapping.get(resize.interpolation)
+        if resample is None:
+            return timm_tf
+        return cls(size, crop_hw, resample, norm.mean.tolist(), norm.std.tolist(), draft)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        # torchvision's Resize(int) output size (skipped when equal) and CenterCrop offsets
+        w, h = img.size
+        if w <= h:
+            new_w, new_h = self.short_side, int(self.short_side * h / w)
+        else:
+            new_w, new_h = int(self.short_side * w / h), self.short_side
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), self.resample)
+        top = int(round((new_h - self.crop_h) / 2.0))
+        left = int(round((new_w - self.crop_w) / 2.0))
+        out = img.crop((left, top, left + self.crop_w, top + self.crop_h))
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch as the model input: the same arithmetic as ToTensor + Normalize, channels_last."""
+        x = x.contiguous(memory_format=torch.channels_last).float().div_(255)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+
 def image_transform_fn(image_column: str, transform: Callable, label_column: Optional[str] = None):
     """A ``with_transform`` function: decode, convert to RGB and transform each image lazily.
 
     Undecodable images become None; ``collate`` drops and counts them.
     """
+    min_side = getattr(transform, 'draft_side', None)  # EvalTransform(draft=True): JPEGs decode at reduced size
+
     def fn(batch):
-        images = [decode_image(v) for v in batch[image_column]]
+        images = [decode_image(v, min_side) for v in batch[image_column]]
         out = {'pixel_values': [transform(img) if img is not None else None for img in images]}
         if label_column is not None:
             out['label'] = batch[label_column]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState, skip_first_batches
 from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -47,7 +48,23 @@ PRESETS = {
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
+    """SIGTERM/SIGINT arrived; the work so far was saved at a safe point. ``signal`` is its number."""
+
+    def __init__(self, message: str, signal: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signal = int(signal)
+
+
+def _stop_requested(accelerator, stop: '_StopFlag') -> Optional[int]:
+    """The signal that asks this run to stop, agreed by every process (they must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return stop.signal
+    flag = torch.tensor([stop.signal or 0], device=accelerator.device)
+    return int(accelerator.reduce(flag, 'max').item()) or None
+
+
+def _preempted(signum: int, state: Dict[str, Any], ckpt_root: Path) -> Preempted:
+    return Preempted(f'stopped by signal {signum} at step {state["step"]}; checkpoint saved in {ckpt_root}.', signum)
 
 
 def resolve_precision(requested: str, workload: str = 'train') -> str:
@@ -177,6 +194,21 @@ def _append_jsonl(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _keep_history_until(path: Path, step: int) -> None:
+    """metrics.jsonl without the lines past ``step``: a resumed run writes them again."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            continue
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows if r.get('step', 0) <= step))
+    os.replace(tmp, path)
+
+
 def read_pseudo(pseudo_dir: Path) -> tuple:
     """The selected pseudo labels of a label directory, and its stats."""
     pseudo_dir = Path(pseudo_dir)
@@ -262,12 +294,23 @@ def _save_checkpoint(accelerator, root: Path, state: Dict[str, Any], keep: int, 
             tmp.rename(final)
             for old in _checkpoint_dirs(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # a full disk surfaces as OSError from Python, SafetensorError from safetensors and a
+        # RuntimeError from torch.save (optimizer state); all mean this checkpoint was not written
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f'cannot write a checkpoint in {root} ({e.strerror or e}); free space or '
-                        'fix permissions, then rerun with --resume: the last good checkpoint is kept.') from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [''])[0]
+        raise UserError(f'cannot write a checkpoint in {root} ({reason}; {_free_space(root)}); free space or fix '
+                        'permissions, then run the same command again (train: with --resume): the last good '
+                        'checkpoint is kept.') from e
     accelerator.wait_for_everyone()
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f'{shutil.disk_usage(path).free / 2 ** 20:.0f} MiB free there'
+    except OSError:
+        return 'free space unknown'
 
 
 def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -341,6 +384,11 @@ def _eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_c
         raise UserError('evaluation data cannot be streamed; drop streaming for the eval split.')
     cols = _source_columns(as_source(source))
     label_col = label_column_of(ds, cols['label'])
+    names = label_names_of(ds, label_col)
+    if names and len(names) != num_classes:
+        # image folders number classes by sorted folder name: a missing class shifts every index
+        raise UserError(f'the eval data has {len(names)} classes ({label_col!r}) but the model has {num_classes}; '
+                        'evaluate on data with the same classes (an image folder needs all class folders).')
     check_labels(ds, label_col, num_classes, what='eval')
     rows = ImageRows(ds, image_column_of(ds, cols['image']), timm.data.create_transform(**data_config),
                      label_column=label_col)
@@ -362,10 +410,12 @@ def train(
         progress: bool = True,
         freeze_blocks: int = 0,
         unaugmented: bool = False,
+        allow_pickle: bool = False,
 ) -> Dict[str, Any]:
     """Train a teacher (no ``pseudo``) or a noised student, evaluate its EMA, export it.
 
     ``unaugmented`` trains on the eval transform (the paper's last fine-tune at test resolution).
+    ``allow_pickle`` lets a starting model directory hold pickled weights (see ``models.load_model``).
     Writes ``OUTPUT/model/`` (plain-timm export), ``metrics.json``, ``metrics.jsonl`` and
     ``checkpoints/``. Returns the final metrics.
     """
@@ -396,7 +446,7 @@ def train(
 
     # model: a new head when the class count differs from the source's
     model = load_model(spec.model, pretrained=spec.pretrained, num_classes=num_classes,
-                       drop_rate=spec.dropout, drop_path_rate=spec.drop_path)
+                       drop_rate=spec.dropout, drop_path_rate=spec.drop_path, allow_pickle=allow_pickle)
     label_names = label_names or model_label_names(model)
     data_config = data_config_of(model, spec.image_size)
     _freeze_early_blocks(model, freeze_blocks)
@@ -477,6 +527,8 @@ def train(
             ema.load_state_dict(load_file(str(last / 'ema.safetensors'), device=str(accelerator.device)))
             state = json.loads((last / 'trainer_state.json').read_text())
             accelerator.print(f'resuming from {last} (epoch {state["epoch"]}, step {state["step"]})')
+            if accelerator.is_main_process:
+                _keep_history_until(output / 'metrics.jsonl', state['step'])
     elif accelerator.is_main_process:
         # a fresh start must not mix with an older run's history
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -495,7 +547,7 @@ def train(
     metrics: Dict[str, Any] = {}
     t_start = time.perf_counter() - state['seconds']
     window_t, window_imgs = time.perf_counter(), 0
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, bar:  # the bar is cleared however the loop ends
         while state['step'] < total_steps:
             epoch = state['epoch']
             main_loader.set_epoch(epoch)
@@ -556,19 +608,22 @@ def train(
                     state['step_in_epoch'] = 0
                 state['seconds'] = time.perf_counter() - t_start
                 every = train_cfg.checkpoint_every
-                if stop.signal is not None or (every and state['step'] % every == 0 and not epoch_done):
+                # a stop at an epoch's last step waits for the epoch's evaluation and checkpoint below
+                stop_signal = _stop_requested(accelerator, stop)
+                stop_now = stop_signal is not None and not epoch_done
+                if stop_now or (every and state['step'] % every == 0 and not epoch_done):
                     _save_checkpoint(accelerator, ckpt_root, state, train_cfg.keep_checkpoints, ema)
-                    if stop.signal is not None:
-                        bar.close()
-                        raise Preempted(
-                            f'stopped by signal {stop.signal}; checkpoint saved in {ckpt_root}. '
-                            'Run the same command again (train: add --resume) to continue.')
+                    if stop_now:
+                        raise _preempted(stop_signal, state, ckpt_root)
                 if epoch_done or state['step'] >= total_steps:
                     break
             metrics = _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg,
                                     eval_every=max(1, math.ceil(spec.epochs / 10)),
                                     last=state['step'] >= total_steps)
             _save_checkpoint(accelerator, ckpt_root, state, train_cfg.keep_checkpoints, ema)
+            stop_signal = _stop_requested(accelerator, stop)  # also one that came during the evaluation
+            if stop_signal is not None:
+                raise _preempted(stop_signal, state, ckpt_root)
     bar.close()
 
     if not metrics and eval_loader is not None:  # resumed after the last step
@@ -629,10 +684,11 @@ def evaluate_model(
         image_size: Optional[int] = None,
         mixed_precision: str = 'auto',
         num_workers: Optional[int] = None,
+        allow_pickle: bool = False,
 ) -> Dict[str, Any]:
     """Top-1/top-5 of a model (name, hf-hub: id or directory) on a labeled split."""
     accelerator = make_accelerator(resolve_precision(mixed_precision, 'inference'))
-    model = load_model(model_spec)
+    model = load_model(model_spec, allow_pickle=allow_pickle)
     data_config = data_config_of(model, image_size)
     loader = _eval_loader(data, data_config, batch_size,
                           default_num_workers() if num_workers is None else num_workers, model.num_classes)

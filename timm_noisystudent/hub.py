@@ -28,7 +28,7 @@ import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData
 
 from .config import UserError
-from .models import NS_RECIPES, count_params
+from .models import NS_RECIPES, count_params, read_state_dict
 
 __all__ = [
     'ModelSource', 'resolve_source', 'model_card', 'export', 'push', 'push_labels', 'labels_card',
@@ -86,22 +86,29 @@ def _is_run_dir(path: Path) -> bool:
         _STAGE.match(p.name) or p.name in (_FINETUNE, 'final') for p in path.iterdir() if p.is_dir())
 
 
-def _check_model_dir(path: Path) -> None:
+def _pickled_weights(path: Path) -> Optional[Path]:
+    return next((path / name for name in _PICKLE_FILES if (path / name).is_file()), None)
+
+
+def _check_model_dir(path: Path, allow_pickle: bool = False) -> None:
     if not (path / 'config.json').is_file():
         raise UserError(f'{path} has no config.json; pass a model directory, a run stage directory '
                         'or a run directory.')
     if not (path / 'model.safetensors').is_file():
-        if any((path / name).exists() for name in _PICKLE_FILES):
-            raise UserError(f'{path} holds only pickled weights; pickles are never loaded here: '
-                            'save the state dict as model.safetensors first.')
-        raise UserError(f'{path} has config.json but no model.safetensors; export the model again.')
+        if _pickled_weights(path) is not None and not allow_pickle:
+            raise UserError(f'{path} holds only pickled weights, which are loaded only with --allow-pickle '
+                            '(tensors only, weights_only=True); `noisystudent export --allow-pickle` '
+                            'converts them to model.safetensors.')
+        if _pickled_weights(path) is None:
+            raise UserError(f'{path} has config.json but no model.safetensors; export the model again.')
 
 
-def resolve_source(src: Union[str, os.PathLike, ModelSource]) -> ModelSource:
+def resolve_source(src: Union[str, os.PathLike, ModelSource], allow_pickle: bool = False) -> ModelSource:
     """The model behind ``src``: a model directory, a run stage directory, or a run directory.
 
     A run directory means its final student: the last finished stage (fine-tune, then the last
-    ``iterK-student``, then the teacher of a teacher-only run), else ``final/``.
+    ``iterK-student``, then the teacher of a teacher-only run), else ``final/``. A model directory
+    with only pickled weights is refused unless ``allow_pickle``.
     """
     if isinstance(src, ModelSource):
         return src
@@ -128,7 +135,7 @@ def resolve_source(src: Union[str, os.PathLike, ModelSource]) -> ModelSource:
         source = ModelSource(path, path.parent, run, path.parent.name if run else None)
     else:
         source = ModelSource(path)
-    _check_model_dir(source.model_dir)
+    _check_model_dir(source.model_dir, allow_pickle)
     return source
 
 
@@ -688,6 +695,7 @@ def export(
         repo_id: Optional[str] = None,
         license: Optional[str] = None,
         _link: bool = False,
+        allow_pickle: bool = False,
 ) -> Path:
     """Write ``out/`` with ``model.safetensors``, ``config.json`` and ``README.md``; return it.
 
@@ -695,12 +703,18 @@ def export(
     copied byte for byte, with the architecture made canonical if needed. The card is rendered
     from the run around ``src``; a bare directory that already has a README.md keeps it (and
     its edits), with the placeholder repo id filled in. The directory appears whole or not at
-    all, and replaces an earlier export at ``out``.
+    all, and replaces an earlier export at ``out``. With ``allow_pickle``, a directory that holds only
+    pickled weights is converted: its tensors (``torch.load(weights_only=True)``) become model.safetensors.
     """
-    source = resolve_source(src)
+    source = resolve_source(src, allow_pickle)
     out = Path(out).expanduser()
     _check_out(out)
-    _check_safetensors(source.model_dir / 'model.safetensors')
+    weights = source.model_dir / 'model.safetensors'
+    state = None
+    if weights.is_file():
+        _check_safetensors(weights)
+    else:
+        state = read_state_dict(_pickled_weights(source.model_dir), allow_pickle=True)
     config = _read_model_config(source.model_dir)
     portable = _portable_config(config)
     card = _bare_card(source, repo_id) if _is_bare(source) else None
@@ -710,7 +724,13 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
     try:
-        _put(source.model_dir / 'model.safetensors', tmp / 'model.safetensors', _link)
+        if state is None:
+            _put(weights, tmp / 'model.safetensors', _link)
+        else:
+            from safetensors.torch import save_file
+            # safetensors refuses tensors that share memory (tied weights): store each on its own
+            tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp / 'model.safetensors'))
         if portable is config:
             shutil.copyfile(source.model_dir / 'config.json', tmp / 'config.json')
         else:

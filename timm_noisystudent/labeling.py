@@ -21,6 +21,7 @@ bounded and a killed run resumes: finished shards are kept and only missing rows
 A map-style dataset is cut into fixed index ranges (the same whatever the process count); a
 streaming dataset is split with ``split_dataset_by_node`` and each process cuts its own stream.
 """
+import copy
 import hashlib
 import json
 import math
@@ -34,18 +35,17 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import timm
 import torch
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
 from .config import DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError
 from .data import (
-    ImageRows, SourceLike, as_source, collate, decode_image, default_num_workers, image_column_of,
+    EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, default_num_workers, image_column_of,
     load_source, undecoded,
 )
-from .engine import make_accelerator, resolve_precision  # the Accelerator helper only
-from .models import data_config_of, label_names_of, load_model
+from .engine import Preempted, _StopFlag, make_accelerator, resolve_precision  # Accelerator and signal helpers only
+from .models import data_config_of, fold_batchnorm, label_names_of, load_model
 
 __all__ = ['label', 'select', 'per_class_target', 'read_raw', 'AGREEMENT_SAMPLE']
 
@@ -166,12 +166,13 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _teacher(teacher: Union[str, os.PathLike, torch.nn.Module]) -> Tuple[torch.nn.Module, str]:
+def _teacher(teacher: Union[str, os.PathLike, torch.nn.Module],
+             allow_pickle: bool = False) -> Tuple[torch.nn.Module, str]:
     if isinstance(teacher, torch.nn.Module):
         # a model object says only what it is; its weights are named by weights_sha256
         cfg = getattr(teacher, 'pretrained_cfg', None) or {}
         return teacher, cfg.get('architecture') or type(teacher).__name__
-    return load_model(teacher), os.fspath(teacher)
+    return load_model(teacher, allow_pickle=allow_pickle), os.fspath(teacher)
 
 
 # --- shards --------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def _soft_columns(probs: torch.Tensor, topk: Optional[int]) -> Tuple[Dict[str, n
 
 def _list_array(values: np.ndarray) -> pa.ListArray:
     n, width = values.shape
-    offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32))
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)  # also for a shard of only undecodable rows
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
 
 
@@ -235,14 +236,18 @@ class _Shard:
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        if table.num_rows:
-            pq.write_table(table, f)
-        else:  # no row group at all: datasets cannot read one of zero rows
-            pq.ParquetWriter(f, table.schema).close()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            if table.num_rows:
+                pq.write_table(table, f)
+            else:  # no row group at all: datasets cannot read one of zero rows
+                pq.ParquetWriter(f, table.schema).close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _shard_meta(path: Path) -> Dict[str, Any]:
@@ -276,9 +281,11 @@ def _write_json(path: Path, obj: Any) -> None:
 class _Labeler:
     """The un-noised teacher forward: soft labels at temperature T, and an fp32 cross-check."""
 
-    def __init__(self, model, accelerator, temperature: float, topk: Optional[int], check_agreement: bool):
+    def __init__(self, model, accelerator, temperature: float, topk: Optional[int], check_agreement: bool,
+                 normalize=None):
         self.model = model
         self.accelerator = accelerator
+        self.normalize = normalize  # uint8 batches (EvalTransform) become model input on the device
         self.temperature = temperature
         self.topk = topk
         self.agreement_left = AGREEMENT_SAMPLE if check_agreement else 0
@@ -290,6 +297,8 @@ class _Labeler:
             shard.add(index, {}, None, None, batch.skipped)
             return
         x = batch.pixel_values.to(self.accelerator.device, non_blocking=True)
+        if x.dtype == torch.uint8 and self.normalize is not None:
+            x = self.normalize(x)
         x = x.contiguous(memory_format=torch.channels_last)
         with self.accelerator.autocast():
             logits = self.model(x)
@@ -330,8 +339,15 @@ class _RangeBatches:
         return sum(math.ceil((stop - start) / self.batch_size) for start, stop in self.ranges)
 
 
+def _stopped(halt: Optional[_StopFlag], raw: Path) -> None:
+    # SIGTERM/SIGINT: stop at a batch boundary; finished shards are on disk, the current one is dropped
+    if halt is not None and halt.signal is not None:
+        raise Preempted(f'stopped by signal {halt.signal} while labeling; the finished shards in {raw} are kept.',
+                        halt.signal)
+
+
 def _label_map_style(ds, image_col, transform, labeler, raw: Path, batch_size, rows_per_shard,
-                     num_workers, rank, world, bar) -> int:
+                     num_workers, rank, world, bar, halt: Optional[_StopFlag] = None) -> int:
     """Label this process's share of the index ranges that have no shard yet; returns rows done."""
     pending = [(s, e) for s, e in _map_shards(len(ds), rows_per_shard, rank, world)
                if not _map_shard_path(raw, s, e).exists()]
@@ -353,6 +369,7 @@ def _label_map_style(ds, image_col, transform, labeler, raw: Path, batch_size, r
             shard.write()
             start, stop = next(ranges, (None, None))
             shard = _Shard(_map_shard_path(raw, start, stop), labeler.topk) if start is not None else None
+        _stopped(halt, raw)
     return done
 
 
@@ -372,7 +389,7 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         for n, example in enumerate(self.ds):
             if n < self.skip:
                 continue  # labeled by an earlier run; not decoded
-            img = decode_image(example[self.image_col])
+            img = decode_image(example[self.image_col], getattr(self.transform, 'draft_side', None))
             rows['pixel_values'].append(self.transform(img) if img is not None else None)
             rows['index'].append(int(example[_INDEX]))
             if len(rows['index']) == self.batch_size:
@@ -387,7 +404,7 @@ def _stream_shard_path(raw: Path, rank: int, world: int, seq: int) -> Path:
 
 
 def _label_streaming(ds, image_col, transform, labeler, raw: Path, batch_size, rows_per_shard,
-                     num_workers, rank, world, bar) -> int:
+                     num_workers, rank, world, bar, halt: Optional[_StopFlag] = None) -> int:
     """Label this process's split of a streamed source past the rows its earlier shards hold."""
     mine = sorted(raw.glob(f'stream-w{world:03d}-r{rank:03d}-*.parquet'))
     skip = sum(_shard_meta(p)['consumed'] for p in mine)
@@ -410,6 +427,9 @@ def _label_streaming(ds, image_col, transform, labeler, raw: Path, batch_size, r
             shard.write()
             seq += 1
             shard = _Shard(_stream_shard_path(raw, rank, world, seq), labeler.topk)
+        if halt is not None and halt.signal is not None and shard.consumed:
+            shard.write()  # a stream shard resumes by its row count, so a short one is still whole
+        _stopped(halt, raw)
     if shard.consumed:
         shard.write()
     return done
@@ -451,13 +471,15 @@ def label(
         progress: bool = True,
         image_size: Optional[int] = None,
         rows_per_shard: Optional[int] = None,
+        allow_pickle: bool = False,
 ) -> Dict[str, Any]:
     """Pseudo-label ``source`` with ``teacher`` into ``output``, select, and return the stats.
 
     Runs under ``accelerate launch``: every process labels its own shards; the main process
     selects and writes ``data/``, ``confidence.png`` and ``stats.json`` (last). Running again
     reuses the finished raw shards; changing only the threshold, balancing, hard/soft or seed
-    re-selects without labeling.
+    re-selects without labeling. SIGTERM/SIGINT stop it at the next batch with ``engine.Preempted``;
+    the finished shards are kept for the rerun. ``allow_pickle``: see ``models.load_model``.
     """
     cfg = cfg or LabelsConfig()
     t_start = time.perf_counter()
@@ -467,12 +489,13 @@ def label(
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
-    model, spec = _teacher(teacher)
+    owned = not isinstance(teacher, torch.nn.Module)
+    model, spec = _teacher(teacher, allow_pickle)
     num_classes = int(getattr(model, 'num_classes', 0) or 0)
     if num_classes < 1:
         raise UserError(f'the teacher {spec} has no classifier head; pass a classification model.')
     data_config = data_config_of(model, image_size)
-    transform = timm.data.create_transform(**data_config)
+    transform = EvalTransform.of(data_config)  # timm's eval transform, cheaper; uint8 out
     topk = min(cfg.topk, num_classes) if cfg.topk else (DEFAULT_TOPK if num_classes > FULL_PROBS_MAX_CLASSES else None)
     model = model.eval().to(accelerator.device, memory_format=torch.channels_last)
 
@@ -508,7 +531,11 @@ def label(
         _prepare_raw(raw, manifest)
     accelerator.wait_for_everyone()
 
-    labeler = _Labeler(model, accelerator, cfg.temperature, topk, check_agreement=main and precision != 'no')
+    # BatchNorm folded into the convs: a model we loaded is folded in place, a caller's is copied first
+    example = torch.randn(2, *data_config['input_size'], device=accelerator.device)
+    model = fold_batchnorm(model if owned else copy.deepcopy(model), example).to(memory_format=torch.channels_last)
+    labeler = _Labeler(model, accelerator, cfg.temperature, topk, check_agreement=main and precision != 'no',
+                       normalize=getattr(transform, 'normalize', None))
     workers = default_num_workers() if num_workers is None else num_workers
     desc = f'labeling ({world} processes)' if world > 1 else 'labeling'
     bar = tqdm(total=_rows_of_process(num_rows, streaming, rows_per_shard, rank, world),
@@ -518,8 +545,9 @@ def label(
                        if _map_shard_path(raw, s, e).exists()))
     t_label = time.perf_counter()
     run = _label_streaming if streaming else _label_map_style
-    done = run(ds, image_col, transform, labeler, raw, cfg.batch_size, rows_per_shard, workers, rank, world, bar)
-    bar.close()
+    with _StopFlag() as halt, bar:
+        done = run(ds, image_col, transform, labeler, raw, cfg.batch_size, rows_per_shard, workers, rank, world, bar,
+                   halt=halt)
     done_all = int(accelerator.reduce(torch.tensor([done], device=accelerator.device), 'sum').item()) \
         if world > 1 else done
     label_seconds = time.perf_counter() - t_label
@@ -534,7 +562,11 @@ def label(
         stats['img_per_s'] = round(done_all / max(label_seconds, 1e-9), 2)
         _write_json(output / 'stats.json', stats)  # last: the directory is complete
     accelerator.wait_for_everyone()
-    return json.loads((output / 'stats.json').read_text())
+    stats = json.loads((output / 'stats.json').read_text())
+    if stats['rows_labeled'] == 0:
+        raise UserError(f'none of the {stats["failed_count"]} unlabeled images could be decoded (they are listed '
+                        f'in {output / "stats.json"}); check the files, the path and the image column.')
+    return stats
 
 
 def _rows_of_process(num_rows: Optional[int], streaming: bool, rows_per_shard: int, rank: int, world: int):
@@ -603,9 +635,11 @@ def _finish(output: Path, cfg: LabelsConfig, seed, num_classes, topk, label_name
 
 def _too_few_warning(sel: Dict[str, Any], cfg: LabelsConfig) -> List[str]:
     kept, labeled = sel['rows_before'], sel['rows_labeled']
-    if labeled and kept * 2 >= labeled and kept >= cfg.batch_size:
+    if not labeled:  # nothing decoded: `label` fails with its own error
         return []
-    share = f'{100.0 * kept / labeled:.1f}%' if labeled else 'none'
+    if kept * 2 >= labeled and kept >= cfg.batch_size:
+        return []
+    share = f'{100.0 * kept / labeled:.1f}%'
     msg = (f'the confidence threshold {cfg.threshold:g} kept {kept} of {labeled} labeled images ({share}), '
            f'{sel["rows_after"]} after balancing; lower the threshold or use a stronger teacher.')
     warnings.warn(msg, stacklevel=3)

@@ -15,13 +15,14 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
 from .config import UserError
 
 __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
-    'data_config_of', 'count_params', 'predict', 'open_image', 'load_weights',
+    'data_config_of', 'count_params', 'predict', 'open_image', 'load_weights', 'read_state_dict',
 ]
 
 
@@ -190,13 +191,21 @@ def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / 'config.json').is_file()
 
 
-def _check_weights_file(path: Path) -> None:
+# pickled weight files that timm's local-dir loader reads, with torch.load(weights_only=True)
+_PICKLED_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+
+
+def _check_weights_file(path: Path, allow_pickle: bool = False) -> None:
     if (path / 'model.safetensors').is_file():
         return
-    if any((path / n).exists() for n in ('pytorch_model.bin', 'model.pth', 'model.pt')):
+    pickled = next((n for n in _PICKLED_WEIGHTS + ('model.pt',) if (path / n).exists()), None)
+    if pickled in _PICKLED_WEIGHTS and allow_pickle:
+        return
+    if pickled:
         raise UserError(
-            f'{path} holds only pickled weights; re-export it with `noisystudent export` to get '
-            'model.safetensors.')
+            f'{path} holds only pickled weights ({pickled}); pickles are loaded only with --allow-pickle '
+            '(tensors only, weights_only=True); `noisystudent export --allow-pickle` converts them to '
+            'model.safetensors once.')
     raise UserError(f'{path} has config.json but no model.safetensors; export the model again.')
 
 
@@ -204,6 +213,7 @@ def load_model(
         spec: Union[str, os.PathLike],
         pretrained: bool = True,
         checkpoint: Optional[Union[str, os.PathLike]] = None,
+        allow_pickle: bool = False,
         **kwargs,
 ) -> torch.nn.Module:
     """A model from a timm name, ``hf-hub:org/name[@rev]`` or a local exported directory.
@@ -211,7 +221,9 @@ def load_model(
     ``pretrained`` applies to timm names only: Hub ids and directories always load their weights.
     ``kwargs`` (``num_classes``, ``drop_rate``, ``drop_path_rate``, ``in_chans``, ...) pass to timm;
     a ``num_classes`` that differs from the saved head gives a new, freshly initialised head.
-    ``checkpoint`` is a safetensors state dict loaded on top.
+    ``checkpoint`` is a safetensors state dict loaded on top. Pickled weights (a directory's
+    ``pytorch_model.bin``, a ``.pth`` checkpoint) are refused unless ``allow_pickle``, and even then
+    only tensors are unpickled (``torch.load(weights_only=True)``).
     """
     spec = os.fspath(spec)
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
@@ -221,8 +233,14 @@ def load_model(
         if not _is_model_dir(path):
             raise UserError(f'{path} is not a model directory (no config.json); pass a timm name, '
                             'hf-hub:org/name or a directory written by `noisystudent export`.')
-        _check_weights_file(path)
-        model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+        _check_weights_file(path, allow_pickle)
+        try:
+            model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
+        except RuntimeError as e:  # timm's weights_only=True load refused a pickle holding more than tensors
+            if (path / 'model.safetensors').is_file():
+                raise
+            raise UserError(f'cannot load the pickled weights in {path} with weights_only=True: '
+                            f'{str(e).splitlines()[0]}') from None
     elif os.sep in spec or path.exists():
         raise UserError(f'model directory {spec} does not exist or has no config.json.')
     else:
@@ -230,25 +248,48 @@ def load_model(
             raise UserError(f'unknown model {spec!r}.' + _suggest_models(spec))
         model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, allow_pickle=allow_pickle)
     return model
 
 
-def load_weights(model: torch.nn.Module, checkpoint: Union[str, os.PathLike]) -> None:
-    """Load a safetensors state dict into ``model``; shape mismatches name the keys."""
-    from safetensors.torch import load_file
+def read_state_dict(path: Union[str, os.PathLike], allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of a pickled checkpoint when ``allow_pickle``.
 
+    A pickle is read with ``torch.load(weights_only=True)``: tensors and plain containers only,
+    never arbitrary objects, so a hostile file cannot run code.
+    """
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device='cpu')
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise UserError(f'cannot read {path} as safetensors: {e}') from e
+    if not allow_pickle:
+        raise UserError(f'{path} is not a .safetensors file; pickled checkpoints are loaded only with '
+                        '--allow-pickle (tensors only, torch.load(weights_only=True)).')
+    try:
+        state = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # UnpicklingError for anything beyond tensors; RuntimeError for non-torch files
+        raise UserError(f'cannot load {path} with torch.load(weights_only=True): '
+                        f'{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}') from None
+    if isinstance(state, dict):
+        # training checkpoints wrap the weights; like timm, prefer the EMA ones
+        state = next((state[k] for k in ('state_dict_ema', 'model_ema', 'state_dict', 'model')
+                      if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f'{path} does not hold a state dict of tensors.')
+    return {k.removeprefix('module.'): v for k, v in state.items()}
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Union[str, os.PathLike], allow_pickle: bool = False) -> None:
+    """Load a state dict into ``model`` (see ``read_state_dict``); shape mismatches name the keys."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / 'model.safetensors'
     if not checkpoint.is_file():
         raise UserError(f'checkpoint {checkpoint} does not exist.')
-    if checkpoint.suffix != '.safetensors':
-        raise UserError(f'{checkpoint} is not a .safetensors file; only safetensors weights are loaded.')
-    try:
-        state = load_file(str(checkpoint), device='cpu')
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise UserError(f'cannot read {checkpoint} as safetensors: {e}') from e
+    state = read_state_dict(checkpoint, allow_pickle)
     own = model.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
@@ -300,9 +341,15 @@ def save_model(
     model = getattr(model, 'module', model)
     # safetensors stores contiguous tensors only; channels_last weights are converted in place
     model.to(memory_format=torch.contiguous_format)
-    save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
-    for f in tmp.iterdir():
-        _fsync(f)
+    try:
+        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        for f in tmp.iterdir():
+            _fsync(f)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, as each writer reports it
+        _remove_tree(tmp)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f'cannot write the model to {directory} ({reason}); free space or fix permissions, '
+                        'then run the same command again.') from e
     old = directory.parent / f'.{directory.name}.old-{os.getpid()}'
     if directory.exists():
         directory.rename(old)
@@ -357,3 +404,46 @@ def predict(model: torch.nn.Module, images: Sequence[Union[str, os.PathLike]], t
         }
         for path, vs, ids in zip(images, values, indices)
     ]
+
+
+def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """``model`` in eval mode with each BatchNorm folded into the convolution just before it.
+
+    For inference only (labeling): the same function with one op less per convolution, about 1.2x
+    faster for EfficientNets on CPU. Which conv feeds which BatchNorm is read from the order of a
+    module's children, which ``forward`` need not follow; so the folded model must give the same
+    outputs as before on ``example``, or it is put back as it was. Works in place: fold a copy of
+    a model that will be trained again.
+    """
+    from timm.layers import BatchNormAct2d, Conv2dSame
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    with torch.inference_mode():
+        reference = model(example).float()
+    undo = []
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            # exact types only: a subclass may transform its weight (weight standardization) in forward
+            if type(conv) not in (torch.nn.Conv2d, Conv2dSame) or type(bn) not in (torch.nn.BatchNorm2d, BatchNormAct2d):
+                continue
+            if bn.running_mean is None or conv.out_channels != bn.num_features:
+                continue
+            with torch.no_grad():
+                fused = fuse_conv_bn_eval(conv, bn)
+            after = torch.nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else torch.nn.Identity()
+            undo.append((parent, conv_name, conv, bn_name, bn))
+            setattr(parent, conv_name, fused)
+            setattr(parent, bn_name, after)
+    if not undo:
+        return model
+    with torch.inference_mode():
+        folded = model(example).float()
+    tolerance = 1e-3 if example.dtype == torch.float32 else 2e-2
+    if folded.shape == reference.shape and bool((folded - reference).abs().max() <= tolerance * reference.abs().max()):
+        return model
+    for parent, conv_name, conv, bn_name, bn in undo:
+        setattr(parent, conv_name, conv)
+        setattr(parent, bn_name, bn)
+    return model

@@ -7,6 +7,7 @@ stages before it, so a changed setting cannot silently mix with stale results.
 """
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -18,7 +19,7 @@ from .config import (
     DataSource, ModelStage, RunConfig, UserError, config_from_dict, config_hash, config_to_dict, save_config,
     stage_epochs,
 )
-from .engine import _write_json, process_state, train
+from .engine import Preempted, _write_json, process_state, train
 from .labeling import label
 from .models import count_params, ns_recipe
 
@@ -97,6 +98,50 @@ def _recorded_hash(stage_dir: Path) -> Optional[str]:
     return json.loads(f.read_text()).get('config_hash') if f.is_file() else None
 
 
+def _check_before_training(cfg: RunConfig) -> None:
+    """What config.py cannot check on its own, checked before the teacher spends hours training."""
+    from .augment import NoiseSpecError, parse_noise_spec
+
+    specs = [('noise.randaugment', cfg.noise.randaugment)]
+    specs += [(f'students.{i}.randaugment', s.randaugment) for i, s in enumerate(cfg.students)]
+    for key, spec in specs:
+        try:
+            parse_noise_spec(spec)
+        except NoiseSpecError as e:
+            raise UserError(f'{key}: {e}') from None
+    if cfg.hub.repo_id:
+        from huggingface_hub import get_token
+
+        from .hub import check_repo_id
+        try:
+            check_repo_id(cfg.hub.repo_id)
+        except UserError as e:
+            raise UserError(f'hub.repo_id: {e}') from None
+        if not get_token():
+            raise UserError('hub.repo_id is set but there is no Hugging Face token; set HF_TOKEN or run '
+                            '`hf auth login`, or remove hub.repo_id.')
+
+
+# every writer here and below uses a hidden temp name: .NAME.tmp, .NAME.tmp-PID, .NAME.old-PID, ...
+_LEFTOVER = re.compile(r'^\..+\.(tmp|old)([-.][^/]*)?$')
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temp files and directories that a killed run left behind in the run directory."""
+    for root, dirs, files in os.walk(out):
+        for name in [n for n in dirs + files if _LEFTOVER.match(n)]:
+            path = Path(root) / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        dirs[:] = [d for d in dirs if not _LEFTOVER.match(d)]
+
+
+def _preempted(name: str, e: Preempted) -> Preempted:
+    return Preempted(f'{name}: {e} Run the same command again to resume; finished stages are skipped.', e.signal)
+
+
 def _start_stage(stage_dir: Path, config_hash_: str) -> None:
     if process_state().is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -144,11 +189,13 @@ def run(
     if output is not None:
         cfg = replace(cfg, output=str(output))
     out = Path(cfg.output)
+    _check_before_training(cfg)
     state = process_state()
     names = stage_names(cfg)
     hashes = _stage_hashes(cfg)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
     state.wait_for_everyone()
     _check_stages(out, names, hashes, restart_from)
     if state.is_main_process:
@@ -180,8 +227,11 @@ def run(
             _start_stage(labels_dir, hashes[name])
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
-                stats = label(str(teacher_model), cfg.unlabeled, labels_dir, cfg.labels, seed=cfg.seed + k,
-                              num_workers=cfg.train.num_workers, progress=progress)
+                try:
+                    stats = label(str(teacher_model), cfg.unlabeled, labels_dir, cfg.labels, seed=cfg.seed + k,
+                                  num_workers=cfg.train.num_workers, progress=progress)
+                except Preempted as e:
+                    raise _preempted(name, e) from None
             for w in caught:
                 notes.append(f'{name}: {w.message}')
                 say(f'warning: {w.message}')
@@ -242,7 +292,10 @@ def _run_train_stage(stage_dir: Path, hash_: str, say, name: str, model: str, te
     else:
         say(f'{name}: training {model}' + (f' on labels from {teacher}' if teacher else ''))
         _start_stage(stage_dir, hash_)
-        metrics = fn(stage_dir)
+        try:
+            metrics = fn(stage_dir)
+        except Preempted as e:
+            raise _preempted(name, e) from None
         if process_state().is_main_process:
             _mark_done(stage_dir, {'stage': name, 'top1': metrics.get('top1')})
         process_state().wait_for_everyone()
@@ -405,7 +458,8 @@ def demo_config(data_root: Union[str, os.PathLike], output: Union[str, os.PathLi
         'unlabeled': {'path': str(root / 'unlabeled')},
         'eval': {'path': str(root / 'test')},
         'teacher': {'model': DEMO_MODEL, 'epochs': 60, 'image_size': 32},
-        'students': [{'model': DEMO_MODEL, 'epochs': 12}, {'model': DEMO_MODEL, 'epochs': 12}],
+        # measured: 87.5 -> 90.75 -> 92.75 top-1; without RandAugment the second student fell back
+        'students': [{'model': DEMO_MODEL, 'epochs': 25}, {'model': DEMO_MODEL, 'epochs': 25}],
         'labels': {'threshold': 0.3, 'per_class': 'auto'},
         'noise': {'randaugment': 'tf-m6-n2', 'dropout': 0.2, 'drop_path': 0.1},
         'train': {'batch_size': 32, 'unlabeled_ratio': 3, 'lr': 3e-3},
@@ -437,6 +491,9 @@ def pseudo_label_accuracy(labels_dir: Path, data_root: Path) -> Optional[float]:
 
 def demo(output: Union[str, os.PathLike] = 'runs/demo', progress: bool = True) -> Dict[str, Any]:
     """Write the digits, run the loop, and report pseudo-label accuracy against the hidden labels."""
+    import datasets
+
+    datasets.disable_progress_bars()  # the stages have their own bars; per-file bars are noise here
     out = Path(output)
     state = process_state()
     data_root = out / 'data'
@@ -456,6 +513,11 @@ def demo(output: Union[str, os.PathLike] = 'runs/demo', progress: bool = True) -
                 print(f"{row['stage']}: pseudo labels from {row['model']} are {acc:.1f}% correct "
                       '(checked against the hidden labels)', flush=True)
     summary['pseudo_label_accuracy'] = accuracies
+    students = [r['top1'] for r in summary['stages'] if not r['stage'].endswith('-labels')]
+    beat = all(b > a for a, b in zip(students, students[1:]))
+    if state.is_main_process:
+        verdict = 'each student beat its teacher' if beat else 'a student did not beat its teacher (see above)'
+        print(f"{verdict}: top-1 {' -> '.join(f'{t:.2f}' for t in students)}", flush=True)
     summary['wall_seconds'] = round(time.perf_counter() - t0, 1)
     if state.is_main_process:
         _write_json(out / 'summary.json', summary)

@@ -1,0 +1,152 @@
+"""`noisystudent bench` end to end at toy size, and the fast paths it measures.
+
+Nothing here is timed: speed is what the bench reports, not what a test asserts. The bf16 vs
+fp32 label agreement is tested in test_labeling.py.
+"""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from timm_noisystudent.bench import make_images
+from timm_noisystudent.data import EvalTransform, decode_image
+from timm_noisystudent.models import fold_batchnorm
+
+CLI = [sys.executable, '-m', 'timm_noisystudent']
+
+
+def _env():
+    from conftest import hub_env
+    return hub_env(OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).parent))
+
+
+def test_bench_cli_writes_the_table_and_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run(
+        CLI + ['bench', '--n', '48', '--model', 'test_efficientnet', '--image-size', '64', '--batch-size', '8',
+               '--train-steps', '2', '--num-workers', '0', '--workdir', str(tmp_path / 'work'), '--json', str(out)],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'noisystudent label' in proc.stdout and 'tuned plain loop' in proc.stdout
+    r = json.loads(out.read_text())
+    lab, tr = r['labeling'], r['training']
+    for key in ('img_per_s', 'baseline_img_per_s', 'ratio_to_baseline', 'fraction_of_ceiling', 'peak_rss_mb',
+                'rss_ratio_8n_vs_n'):
+        assert lab[key] is not None and lab[key] > 0, key
+    for key in ('img_per_s', 'baseline_img_per_s', 'tuned_img_per_s', 'ratio_to_baseline', 'ratio_to_tuned',
+                'fraction_of_ceiling'):
+        assert tr[key] is not None and tr[key] > 0, key
+    assert 0.0 <= r['agreement_bf16_fp32'] <= 1.0
+    assert 0.0 <= lab['agreement_with_baseline'] <= 1.0
+    assert r['device'].startswith('cpu') and r['torch'] == torch.__version__
+    s = r['settings']
+    assert s['n'] == 48 and s['batch_size'] == 8 and s['rss_images'] == [8, 48]
+    assert lab['runs']['project']['images'] == 48 and lab['runs']['project_small']['images'] == 8
+    assert tr['runs']['student']['clock_steps'] == 2 + 2  # warm-up + timed steps, all through engine.train
+
+
+def test_generated_images_vary_in_size_and_are_reused(tmp_path):
+    root = make_images(tmp_path / 'img', 12, seed=1, classes=3)
+    files = sorted(root.glob('class_*/*.jpg'))
+    assert len(files) == 12 and len({f.parent.name for f in files}) == 3
+    sizes = [Image.open(f).size for f in files]
+    assert all(256 <= s <= 500 for size in sizes for s in size) and len(set(sizes)) > 6
+    mtime = files[0].stat().st_mtime_ns
+    make_images(root, 12, seed=1, classes=3)
+    assert files[0].stat().st_mtime_ns == mtime  # the same set is not written again
+
+
+def _photo(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize('config', [
+    dict(input_size=(3, 224, 224), interpolation='bicubic', crop_pct=0.875),
+    dict(input_size=(3, 240, 240), interpolation='bilinear', crop_pct=0.9),
+    dict(input_size=(3, 32, 32), interpolation='bicubic', crop_pct=1.0),
+])
+def test_eval_transform_gives_timm_input_bit_for_bit(config):
+    config = timm.data.resolve_data_config(config)
+    timm_tf = timm.data.create_transform(**config)
+    fast = EvalTransform.of(config)
+    assert isinstance(fast, EvalTransform)
+    images = [_photo(w, h, i) for i, (w, h) in enumerate([(300, 400), (500, 257), (256, 256), (224, 224),
+                                                         (31, 40), (1000, 333), (257, 256)])]
+    expected = torch.stack([timm_tf(img) for img in images])
+    got = fast.normalize(torch.stack([fast(img) for img in images]))
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, expected)
+
+
+def test_eval_transform_falls_back_to_timm_for_other_crops():
+    config = timm.data.resolve_data_config(dict(input_size=(3, 224, 224), crop_mode='squash'))
+    assert not isinstance(EvalTransform.of(config), EvalTransform)
+
+
+def _jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, format='JPEG', quality=90)
+    return buf.getvalue()
+
+
+def test_large_jpegs_decode_at_reduced_size_never_below_the_resize():
+    data = _jpeg(_photo(1200, 900))
+    assert decode_image({'bytes': data, 'path': None}).size == (1200, 900)
+    reduced = decode_image({'bytes': data, 'path': None}, min_side=256)
+    assert reduced.mode == 'RGB' and reduced.size == (600, 450)  # 1/4 would be 225 px, below 256
+    small = _jpeg(_photo(400, 300))
+    assert decode_image({'bytes': small, 'path': None}, min_side=256).size == (400, 300)  # < 2x: full size
+
+
+def _eval_with_stats(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_fold_batchnorm_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = _eval_with_stats(timm.create_model('test_efficientnet'))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    folded = fold_batchnorm(model, torch.randn(2, 3, 64, 64))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), before, rtol=1e-4, atol=1e-5)
+
+
+class _BackwardOrder(torch.nn.Module):
+    """conv then bn among the children, but forward runs the bn first: folding would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.conv(self.bn(x)).mean((2, 3))
+
+
+def test_fold_batchnorm_leaves_a_model_it_cannot_fold_as_it_was():
+    torch.manual_seed(0)
+    model = _eval_with_stats(_BackwardOrder())
+    model.bn.weight.data.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    same = fold_batchnorm(model, x)
+    assert isinstance(same.bn, torch.nn.BatchNorm2d) and same.conv.bias is None
+    with torch.no_grad():
+        assert torch.equal(same(x), before)

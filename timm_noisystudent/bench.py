@@ -1,0 +1,692 @@
+"""``noisystudent bench``: labeling and student training, side by side with plain timm loops.
+
+Absolute speeds vary from machine to machine; ratios measured in one run on one machine do
+not. So every number here comes with its baseline from the same run:
+
+* labeling, end to end from JPEG files to written parquet: ``labeling.label`` against a loop
+  written the way the timm docs show (``create_transform(**resolve_data_config(model))``, a
+  ``DataLoader`` with as many workers, fp32 NCHW, ``torch.no_grad``, softmax kept in a Python
+  list), and the ceiling: the bare forward in the project's precision and layout on ready tensors;
+* training, as student steps through ``engine.train`` (mixed labeled + pseudo-labeled batch,
+  RandAugment, dropout, stochastic depth, EMA), against a plain loop (timm's train transform,
+  fp32 NCHW, SGD, cross-entropy), a tuned plain loop (channels_last, and bf16 autocast where
+  bf16 is fast, as timm's ``train.py --channels-last --amp --amp-dtype bfloat16``), and the
+  bare forward+backward ceiling;
+* peak RSS of labeling at N/8 and N images, each in its own process so the peaks do not mix;
+* top-1 agreement of bf16 and fp32 labels.
+
+The images are generated JPEGs of varied sizes (crops of scikit-learn's sample photos under a
+smooth colour field), written as an image folder so that decoding is part of the work.
+Imports only go downward: data, models, engine, labeling, augment, config.
+"""
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import UserError
+
+__all__ = ['run_bench', 'format_table', 'make_images', 'DEFAULTS']
+
+DEFAULTS = dict(
+    n=2048, model='tf_efficientnet_b0', image_size=None, batch_size=32, device='cpu', num_workers=None,
+    seed=0, classes=10, randaugment='tf-m15-n2', unlabeled_ratio=1,
+)
+_MIN_SIDE, _MAX_SIDE = 256, 500
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def _photos() -> List[Any]:
+    from PIL import Image
+    try:
+        from sklearn.datasets import load_sample_images
+        return [Image.fromarray(a) for a in load_sample_images().images]
+    except ImportError:  # smooth random fields alone, when scikit-learn is missing
+        return []
+
+
+def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10) -> Path:
+    """An image folder of ``n`` JPEGs, ``classes`` subfolders, sides uniform in 256..500 px.
+
+    Kept when ``root`` already holds the same set (a DONE marker names it).
+    """
+    from PIL import Image
+
+    root = Path(root)
+    marker = root / 'DONE'
+    spec = f'{n} {seed} {classes} {_MIN_SIDE} {_MAX_SIDE}'
+    if marker.is_file() and marker.read_text() == spec:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    for c in range(classes):
+        (root / f'class_{c:03d}').mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(_MIN_SIDE, _MAX_SIDE + 1, 2))
+        field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
+            (w, h), Image.Resampling.BICUBIC)
+        img = field
+        if photos:
+            src = photos[i % len(photos)]
+            cw = int(rng.integers(96, src.width // 2))
+            ch = min(int(cw * h / w), src.height - 1)
+            x0, y0 = int(rng.integers(0, src.width - cw)), int(rng.integers(0, src.height - ch))
+            crop = src.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BILINEAR)
+            img = Image.blend(crop, field, float(rng.uniform(0.1, 0.5)))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img.save(root / f'class_{i % classes:03d}' / f'{i:06d}.jpg', quality=90)
+    marker.write_text(spec)
+    return root
+
+
+def _sorted_files(root: Path) -> List[Path]:
+    return sorted(root.glob('class_*/*.jpg'))
+
+
+# --- timing helpers ------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _steps_per_s(times: List[float], warmup: int, per_step: int) -> Optional[float]:
+    """Images per second over the steps after ``warmup``, from the step end times."""
+    timed = times[warmup:]
+    if len(timed) < 2 and warmup == 0:
+        return None
+    start = times[warmup - 1] if warmup else timed[0]
+    steps = len(timed) if warmup else len(timed) - 1
+    if steps < 1 or timed[-1] <= start:
+        return None
+    return steps * per_step / (timed[-1] - start)
+
+
+@contextmanager
+def _threads_kept():
+    """Measurements may change torch's thread count; the next one starts from the same."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _model(name: str, seed: int, **kwargs) -> torch.nn.Module:
+    import timm
+    from .models import load_model
+    torch.manual_seed(seed)
+    if timm.is_model(name):
+        return timm.create_model(name, pretrained=False, **kwargs)  # random weights: no download
+    return load_model(name, **kwargs)
+
+
+def _data_config(model: torch.nn.Module, image_size: Optional[int]) -> Dict[str, Any]:
+    from .models import data_config_of
+    return data_config_of(model, image_size)
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    from .engine import cpu_has_fast_bf16
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_fast_bf16()
+
+
+# --- labeling ------------------------------------------------------------------------------------
+
+def baseline_labeling(model_name: str, folder: Path, n: int, batch_size: int, num_workers: int,
+                      device: torch.device, out: Path, seed: int = 0, image_size: Optional[int] = None
+                      ) -> Dict[str, Any]:
+    """The timm-docs loop: eval transform, DataLoader, fp32 NCHW, no_grad, softmax in a list, parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import timm
+
+    model = _model(model_name, seed).eval().to(device)
+    config = timm.data.resolve_data_config({'input_size': (3, image_size, image_size)} if image_size else {},
+                                           model=model)
+    transform = timm.data.create_transform(**config)
+    dataset = timm.data.ImageDataset(str(folder), transform=transform)
+    dataset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+    t0 = time.perf_counter()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    probs: List[List[float]] = []
+    with torch.no_grad():
+        for x, _ in loader:
+            logits = model(x.to(device))
+            probs.extend(logits.softmax(dim=-1).cpu().tolist())
+    table = pa.table({'index': list(range(len(probs))), 'probs': probs,
+                      'label': [int(np.argmax(p)) for p in probs], 'confidence': [max(p) for p in probs]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    seconds = time.perf_counter() - t0
+    files = [dataset.dataset.filename(i, absolute=True) for i in dataset.indices]
+    labels = dict(zip((os.path.realpath(f) for f in files), table.column('label').to_pylist()))
+    return {'images': len(probs), 'seconds': round(seconds, 3), 'img_per_s': len(probs) / seconds,
+            'labels': labels}
+
+
+def _same_labels(project_out: Path, folder: Path, n: int, baseline: Dict[str, int]) -> Optional[float]:
+    """Share of the baseline's images that the project labeled with the same top-1 (matched by file)."""
+    import pyarrow.parquet as pq
+    from .config import DataSource
+    from .data import load_source, undecoded
+
+    ds = load_source(DataSource(path=str(folder), split=f'train[:{n}]'))
+    paths = [os.path.realpath(v['path']) for v in undecoded(ds, 'image')['image']]
+    same = total = 0
+    for f in sorted((project_out / 'raw').glob('*.parquet')):
+        t = pq.read_table(f, columns=['index', 'label'])
+        for i, lab in zip(t.column('index').to_pylist(), t.column('label').to_pylist()):
+            if paths[i] in baseline:
+                same += int(baseline[paths[i]] == lab)
+                total += 1
+    return same / total if total else None
+
+
+def inference_ceiling(model_name: str, batch_size: int, device: torch.device, precision: str,
+                      batches: int, seed: int = 0, image_size: Optional[int] = None) -> Dict[str, Any]:
+    """The bare forward in the project's precision and layout on tensors made in advance."""
+    model = _model(model_name, seed).eval().to(device, memory_format=torch.channels_last)
+    size = _data_config(model, image_size)['input_size']
+    x = torch.randn(batch_size, *size, device=device).contiguous(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
+    times = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision in ('bf16', 'fp16')):
+        for _ in range(batches + 1):
+            model(x)
+            _sync(device)
+            times.append(time.perf_counter())
+    return {'img_per_s': _steps_per_s(times, 1, batch_size), 'batches': batches, 'precision': precision,
+            'layout': 'channels_last'}
+
+
+def bf16_agreement(model_name: str, folder: Path, n: int, batch_size: int, device: torch.device,
+                   seed: int = 0, image_size: Optional[int] = None) -> Dict[str, Any]:
+    """Share of images whose top-1 is the same under bf16 autocast as in fp32 (the labeling path)."""
+    import timm
+    from .data import decode_image
+
+    model = _model(model_name, seed).eval().to(device, memory_format=torch.channels_last)
+    transform = timm.data.create_transform(**_data_config(model, image_size))
+    files = _sorted_files(folder)[:n]
+    same = total = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(files), batch_size):
+            x = torch.stack([transform(decode_image(str(f))) for f in files[b:b + batch_size]])
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            full = model(x).float().argmax(-1)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                half = model(x).float().argmax(-1)
+            same += int((full == half).sum())
+            total += len(full)
+    return {'agreement': same / total if total else None, 'images': total,
+            'seconds': round(time.perf_counter() - t0, 2)}
+
+
+def _child_env(device: torch.device) -> Dict[str, str]:
+    env = dict(os.environ)
+    if device.type == 'cpu':
+        env['ACCELERATE_USE_CPU'] = '1'
+    return env
+
+
+def project_labeling(model_name: str, folder: Path, n: int, batch_size: int, num_workers: Optional[int],
+                     device: torch.device, out: Path, seed: int = 0, image_size: Optional[int] = None,
+                     precision: str = 'auto') -> Dict[str, Any]:
+    """``labeling.label`` over the first ``n`` images, in a fresh process that reports its peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)  # label() would resume from shards left by an earlier run
+    args = dict(model=model_name, folder=str(folder), n=n, batch_size=batch_size, num_workers=num_workers,
+                out=str(out), seed=seed, image_size=image_size, precision=precision)
+    proc = subprocess.run([sys.executable, '-m', 'timm_noisystudent.bench', '--child-label', json.dumps(args)],
+                          env=_child_env(device), capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError('the labeling process failed:\n' + '\n'.join(tail))
+    return json.loads(lines[-1])
+
+
+class _PeakRSS:
+    """Peak resident memory of this process and its children (DataLoader workers), sampled."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.peak = every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, self._sample())
+
+    def __enter__(self):
+        try:
+            import psutil  # noqa: F401
+            self._thread.start()
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        # ru_maxrss is exact for this process (KiB on Linux); the sampler adds the workers
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        self.main_peak = own
+        self.peak = max(self.peak, own + (kids if not self._thread.ident else 0))
+
+
+def _child_label(args: Dict[str, Any]) -> Dict[str, Any]:
+    from .config import DataSource, LabelsConfig
+    from .labeling import label
+
+    with _PeakRSS() as rss:
+        model = _model(args['model'], args['seed'])
+        source = DataSource(path=args['folder'], split=f"train[:{args['n']}]")
+        cfg = LabelsConfig(batch_size=args['batch_size'], threshold=0.0, per_class='none',
+                           mixed_precision=args['precision'])
+        t0 = time.perf_counter()
+        stats = label(model, source, args['out'], cfg, num_workers=args['num_workers'], progress=False,
+                      image_size=args['image_size'])
+        wall = time.perf_counter() - t0
+    return {'images': stats['rows_labeled'], 'img_per_s': stats['img_per_s'],
+            'labeling_seconds': stats['labeling_seconds'], 'label_call_seconds': round(wall, 3),
+            'precision': stats['mixed_precision'], 'peak_rss_mb': round(rss.peak / 2 ** 20, 1),
+            'main_peak_rss_mb': round(rss.main_peak / 2 ** 20, 1), 'threads': torch.get_num_threads()}
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def _step_clock():
+    from accelerate.tracking import GeneralTracker
+
+    class StepClock(GeneralTracker):
+        """An Accelerate tracker that keeps the time of each logged step: engine.train logs every step."""
+        name = 'noisystudent-bench-clock'
+        requires_logging_directory = False
+        main_process_only = True
+
+        def __init__(self):
+            super().__init__()
+            self.times: List[float] = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            self.times.append(time.perf_counter())
+
+        def finish(self):
+            pass
+
+    return StepClock()
+
+
+def _pseudo_dir(out: Path, indices: np.ndarray, classes: int, seed: int) -> Path:
+    """A hand-made label directory: soft labels over ``classes`` for rows ``indices``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(indices), classes)).astype(np.float32) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    (out / 'data').mkdir(parents=True, exist_ok=True)
+    table = pa.table({'index': pa.array(indices.astype(np.int64)),
+                      'probs': pa.array(list(probs.astype(np.float32)), type=pa.list_(pa.float32())),
+                      'label': pa.array(probs.argmax(1).astype(np.int64)),
+                      'confidence': pa.array(probs.max(1).astype(np.float32))})
+    pq.write_table(table, out / 'data' / 'rows.parquet')
+    (out / 'stats.json').write_text(json.dumps({'num_classes': classes, 'soft': True, 'rows_after': len(indices)}))
+    return out
+
+
+def student_training(model_name: str, folder: Path, n: int, batch_size: int, num_workers: Optional[int],
+                     out: Path, steps: int, warmup: int, seed: int = 0, image_size: Optional[int] = None,
+                     randaugment: str = DEFAULTS['randaugment'], unlabeled_ratio: int = 1,
+                     classes: int = 10, precision: str = 'auto') -> Dict[str, Any]:
+    """Student steps through ``engine.train``: its loader, mixed batch, noise, optimizer and EMA."""
+    from .config import DataSource, ModelStage, NoiseConfig, TrainConfig
+    from .engine import train
+
+    per_step = batch_size
+    labeled_b = max(1, per_step // (1 + unlabeled_ratio))
+    n_labeled = max(labeled_b * 2, n // 4)
+    pseudo_rows = np.arange(n_labeled, n)
+    total = warmup + steps
+    if len(pseudo_rows) < (total + 1) * labeled_b * unlabeled_ratio:
+        raise UserError(f'--n {n} is too small for {total} student steps of {per_step} images; raise --n.')
+    shutil.rmtree(out, ignore_errors=True)
+    pseudo = _pseudo_dir(out / 'pseudo', pseudo_rows, classes, seed)
+    clock = _step_clock()
+    stage = ModelStage(model=model_name, epochs=1, image_size=image_size, batch_size=labeled_b,
+                       unlabeled_ratio=unlabeled_ratio, randaugment=randaugment, dropout=0.2, drop_path=0.2)
+    cfg = TrainConfig(max_steps=total, num_workers=num_workers, log_with=[clock], mixed_precision=precision)
+    # the student's head is random: the bench does not download weights
+    with _threads_kept():
+        metrics = train(stage, DataSource(path=str(folder), split=f'train[:{n_labeled}]'), out / 'student',
+                        pseudo=pseudo, unlabeled=DataSource(path=str(folder)), train_cfg=cfg, seed=seed,
+                        progress=False, noise=NoiseConfig())
+    images = labeled_b * (1 + unlabeled_ratio)
+    rate = _steps_per_s(clock.times, warmup, images)
+    return {'img_per_s': rate if rate is not None else metrics['img_per_s'], 'steps': steps,
+            'images_per_step': images, 'randaugment': randaugment, 'labeled_per_step': labeled_b,
+            'clock_steps': len(clock.times)}
+
+
+def plain_training(model_name: str, folder: Path, batch_size: int, num_workers: int, device: torch.device,
+                   steps: int, warmup: int, seed: int = 0, image_size: Optional[int] = None,
+                   channels_last: bool = False, amp_dtype: Optional[torch.dtype] = None,
+                   classes: int = 10) -> Dict[str, Any]:
+    """A plain timm loop: timm's train transform, SGD, cross-entropy; optionally channels_last + autocast."""
+    import timm
+
+    model = _model(model_name, seed, num_classes=classes, drop_rate=0.2, drop_path_rate=0.2).train().to(device)
+    config = _data_config(model, image_size)
+    transform = timm.data.create_transform(**config, is_training=True)
+    dataset = timm.data.ImageDataset(str(folder), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                         drop_last=True, generator=torch.Generator().manual_seed(seed))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for step, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        times.append(time.perf_counter())
+        if step + 1 >= warmup + steps:
+            break
+    return {'img_per_s': _steps_per_s(times, warmup, batch_size), 'steps': steps,
+            'layout': 'channels_last' if channels_last else 'NCHW',
+            'precision': {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp_dtype]}
+
+
+def training_ceiling(model_name: str, batch_size: int, device: torch.device, precision: str, steps: int,
+                     seed: int = 0, image_size: Optional[int] = None, classes: int = 10) -> Dict[str, Any]:
+    """The bare forward+backward (no data, no optimizer) in the project's training precision and layout."""
+    model = _model(model_name, seed, num_classes=classes, drop_rate=0.2, drop_path_rate=0.2)
+    model = model.train().to(device, memory_format=torch.channels_last)
+    size = _data_config(model, image_size)['input_size']
+    x = torch.randn(batch_size, *size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch_size,), device=device)
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
+    times = []
+    for _ in range(steps + 1):
+        with torch.autocast(device.type, dtype=dtype, enabled=precision in ('bf16', 'fp16')):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter())
+    return {'img_per_s': _steps_per_s(times, 1, batch_size), 'steps': steps, 'precision': precision,
+            'layout': 'channels_last'}
+
+
+# --- the whole bench -----------------------------------------------------------------------------
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 3) if a and b else None
+
+
+def _device(name: str) -> torch.device:
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda needs a CUDA GPU and a CUDA build of torch; use --device cpu.')
+    if name not in ('cpu', 'cuda'):
+        raise UserError(f'--device must be cpu or cuda, not {name!r}.')
+    if name == 'cpu':
+        # Accelerate (engine.train, labeling.label) would otherwise take a GPU when there is one
+        os.environ['ACCELERATE_USE_CPU'] = '1'
+    return torch.device(name)
+
+
+def run_bench(
+        n: int = DEFAULTS['n'],
+        model: str = DEFAULTS['model'],
+        batch_size: int = DEFAULTS['batch_size'],
+        device: str = DEFAULTS['device'],
+        image_size: Optional[int] = DEFAULTS['image_size'],
+        num_workers: Optional[int] = DEFAULTS['num_workers'],
+        workdir: Optional[os.PathLike] = None,
+        seed: int = DEFAULTS['seed'],
+        baseline_images: Optional[int] = None,
+        agreement_images: Optional[int] = None,
+        train_steps: int = 4,
+        log=print,
+) -> Dict[str, Any]:
+    """Run every measurement once and return the results (the ``--json`` document)."""
+    from .data import default_num_workers
+    from .engine import resolve_precision
+
+    if n < 16:
+        raise UserError('--n must be at least 16.')
+    if batch_size < 2:
+        raise UserError('--batch-size must be at least 2.')
+    dev = _device(device)
+    workers = default_num_workers() if num_workers is None else num_workers
+    fast_bf16 = _fast_bf16(dev)
+    baseline_images = min(n, baseline_images or 8 * batch_size)
+    # bf16 without hardware support runs ~20x slower than fp32 on CPU: keep that sample small
+    agreement_images = min(n, agreement_images or (256 if fast_bf16 else 16))
+    # what 'auto' picks on this device (resolve_precision would look at a GPU even under --device cpu)
+    infer_precision = (resolve_precision('auto', 'inference') if dev.type == 'cuda'
+                       else 'bf16' if fast_bf16 else 'no')
+    train_precision = resolve_precision('auto', 'train') if dev.type == 'cuda' else 'no'
+    tuned_amp = torch.bfloat16 if fast_bf16 else None
+    own_workdir = workdir is None
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix='noisystudent-bench-'))
+    root.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Any] = {
+        'device': _device_name(dev), 'torch': torch.__version__,
+        'settings': {'n': n, 'model': model, 'image_size': image_size, 'batch_size': batch_size,
+                     'num_workers': workers, 'torch_threads': torch.get_num_threads(), 'seed': seed,
+                     'cpu_count': os.cpu_count(), 'fast_bf16': fast_bf16,
+                     'labeling_precision': infer_precision, 'training_precision': train_precision,
+                     'baseline_labeling_images': baseline_images, 'agreement_images': agreement_images,
+                     'rss_images': [max(batch_size, n // 8), n], 'train_steps': train_steps,
+                     'train_warmup_steps': 2, 'student_randaugment': DEFAULTS['randaugment'],
+                     'student_unlabeled_ratio': DEFAULTS['unlabeled_ratio']},
+        'load_avg_start': _load(),
+    }
+    t_all = time.perf_counter()
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one 'Generating train split' bar per load is noise here
+    try:
+        log(f'generating {n} JPEGs in {root / "images"} ...')
+        folder = make_images(root / 'images', n, seed, DEFAULTS['classes'])
+        lab: Dict[str, Any] = {}
+        small_n = max(batch_size, n // 8)
+        log(f'labeling {small_n} images (noisystudent label, own process) ...')
+        small = project_labeling(model, folder, small_n, batch_size, num_workers, dev, root / 'label-small',
+                                 seed, image_size, infer_precision)
+        log(f'labeling {n} images (noisystudent label, own process) ...')
+        full = project_labeling(model, folder, n, batch_size, num_workers, dev, root / 'label-full', seed,
+                                image_size, infer_precision)
+        log(f'labeling {baseline_images} images (timm docs loop) ...')
+        with _threads_kept():
+            base = baseline_labeling(model, folder, baseline_images, batch_size, workers, dev,
+                                     root / 'baseline.parquet', seed, image_size)
+        log('labeling ceiling (bare forward) ...')
+        ceiling = inference_ceiling(model, batch_size, dev, infer_precision, batches=4, seed=seed,
+                                    image_size=image_size)
+        lab.update({
+            'img_per_s': full['img_per_s'], 'baseline_img_per_s': base['img_per_s'],
+            'ceiling_img_per_s': ceiling['img_per_s'],
+            'ratio_to_baseline': _ratio(full['img_per_s'], base['img_per_s']),
+            'fraction_of_ceiling': _ratio(full['img_per_s'], ceiling['img_per_s']),
+            'peak_rss_mb': full['peak_rss_mb'], 'peak_rss_mb_small': small['peak_rss_mb'],
+            'rss_ratio_8n_vs_n': _ratio(full['peak_rss_mb'], small['peak_rss_mb']),
+            # the fast path must not change labels: top-1 against the timm-docs loop, image by image
+            'agreement_with_baseline': _same_labels(root / 'label-full', folder, n, base.pop('labels')),
+            'runs': {'project': full, 'project_small': small, 'baseline': base, 'ceiling': ceiling},
+        })
+        results['labeling'] = lab
+
+        log(f'student training ({train_steps} timed steps, engine.train) ...')
+        student = student_training(model, folder, n, batch_size, num_workers, root / 'train', train_steps, 2,
+                                   seed, image_size, DEFAULTS['randaugment'], DEFAULTS['unlabeled_ratio'],
+                                   DEFAULTS['classes'], train_precision)
+        log('plain timm training loop ...')
+        with _threads_kept():
+            base_t = plain_training(model, folder, batch_size, workers, dev, max(2, train_steps - 1), 1, seed,
+                                    image_size)
+        log('tuned plain training loop ...')
+        with _threads_kept():
+            tuned = plain_training(model, folder, batch_size, workers, dev, max(2, train_steps - 1), 1, seed,
+                                   image_size, channels_last=True, amp_dtype=tuned_amp)
+        log('training ceiling (bare forward+backward) ...')
+        ceil_t = training_ceiling(model, batch_size, dev, train_precision, max(2, train_steps - 1), seed,
+                                  image_size)
+        results['training'] = {
+            'img_per_s': student['img_per_s'], 'baseline_img_per_s': base_t['img_per_s'],
+            'tuned_img_per_s': tuned['img_per_s'], 'ceiling_img_per_s': ceil_t['img_per_s'],
+            'ratio_to_baseline': _ratio(student['img_per_s'], base_t['img_per_s']),
+            'ratio_to_tuned': _ratio(student['img_per_s'], tuned['img_per_s']),
+            'fraction_of_ceiling': _ratio(student['img_per_s'], ceil_t['img_per_s']),
+            'runs': {'student': student, 'baseline': base_t, 'tuned': tuned, 'ceiling': ceil_t},
+        }
+
+        log(f'bf16 vs fp32 top-1 on {agreement_images} images ...')
+        agree = bf16_agreement(model, folder, agreement_images, min(batch_size, agreement_images), dev, seed,
+                               image_size)
+        results['agreement_bf16_fp32'] = agree['agreement']
+        results['agreement'] = agree
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+        if own_workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    results['seconds'] = round(time.perf_counter() - t_all, 1)
+    results['load_avg_end'] = _load()
+    return results
+
+
+def _load() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == 'cuda':
+        return f'cuda: {torch.cuda.get_device_name(dev)}'
+    return f'cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+
+
+def _fmt(v: Optional[float], spec: str = '.1f', suffix: str = '') -> str:
+    return '-' if v is None else f'{v:{spec}}{suffix}'
+
+
+def format_table(r: Dict[str, Any]) -> str:
+    """The results as the table the README shows."""
+    s, lab, tr = r['settings'], r['labeling'], r['training']
+    lr, tr_runs = lab['runs'], tr['runs']
+    size = s['image_size'] or 'own size'
+    rows = [
+        ('labeling: JPEG files -> parquet', 'img/s', 'vs baseline', 'of ceiling'),
+        (f"noisystudent label ({lr['project']['images']} images, {_prec(lr['project']['precision'])})",
+         _fmt(lab['img_per_s']), _fmt(lab['ratio_to_baseline'], '.2f', 'x'),
+         _fmt(100 * lab['fraction_of_ceiling'] if lab['fraction_of_ceiling'] else None, '.0f', '%')),
+        (f"baseline: timm docs loop ({lr['baseline']['images']} images, fp32 NCHW)", _fmt(lab['baseline_img_per_s']),
+         '1.00x', _fmt(_pct(lab['baseline_img_per_s'], lab['ceiling_img_per_s']), '.0f', '%')),
+        (f"ceiling: bare forward ({_prec(lr['ceiling']['precision'])}, channels_last)", _fmt(lab['ceiling_img_per_s']),
+         _fmt(_ratio(lab['ceiling_img_per_s'], lab['baseline_img_per_s']), '.2f', 'x'), '100%'),
+        ('', '', '', ''),
+        (f"training: student steps ({tr_runs['student']['images_per_step']} images/step)", 'img/s', 'vs baseline',
+         'of ceiling'),
+        (f"noisystudent student (engine.train, {tr_runs['student']['randaugment']}, EMA)", _fmt(tr['img_per_s']),
+         _fmt(tr['ratio_to_baseline'], '.2f', 'x'),
+         _fmt(100 * tr['fraction_of_ceiling'] if tr['fraction_of_ceiling'] else None, '.0f', '%')),
+        ('baseline: timm transform, fp32 NCHW, SGD, CE', _fmt(tr['baseline_img_per_s']), '1.00x',
+         _fmt(_pct(tr['baseline_img_per_s'], tr['ceiling_img_per_s']), '.0f', '%')),
+        (f"tuned plain loop: channels_last, {_prec(tr_runs['tuned']['precision'])}", _fmt(tr['tuned_img_per_s']),
+         _fmt(_ratio(tr['tuned_img_per_s'], tr['baseline_img_per_s']), '.2f', 'x'),
+         _fmt(_pct(tr['tuned_img_per_s'], tr['ceiling_img_per_s']), '.0f', '%')),
+        (f"ceiling: bare forward+backward ({_prec(tr_runs['ceiling']['precision'])}, channels_last)",
+         _fmt(tr['ceiling_img_per_s']), _fmt(_ratio(tr['ceiling_img_per_s'], tr['baseline_img_per_s']), '.2f', 'x'),
+         '100%'),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"noisystudent bench: {s['model']} at {size}, batch {s['batch_size']}, {r['device']}, "
+             f"torch {r['torch']}, {s['num_workers']} workers, load {r['load_avg_start']} -> {r['load_avg_end']}"]
+    for row in rows:
+        lines.append('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     if any(row) else '')
+    rss = s['rss_images']
+    agree = r['agreement']
+    lines += [
+        '',
+        f"labeling peak RSS: {lab['peak_rss_mb']:.0f} MB at {rss[1]} images, {lab['peak_rss_mb_small']:.0f} MB "
+        f"at {rss[0]} (ratio {_fmt(lab['rss_ratio_8n_vs_n'], '.3f')})",
+        f"labels vs the timm docs loop: {_fmt(_pct(lab['agreement_with_baseline'], 1.0), '.2f', '%')} same top-1 "
+        f"on {lr['baseline']['images']} images",
+        f"bf16 vs fp32 top-1 agreement: {_fmt(100 * agree['agreement'] if agree['agreement'] is not None else None, '.2f', '%')}"
+        f" of {agree['images']} images" + ('' if s['fast_bf16'] else ' (bf16 is emulated and slow on this device: '
+                                           'labeling runs fp32 here)'),
+        f"student: tuned ratio {_fmt(tr['ratio_to_tuned'], '.2f', 'x')}; total {r['seconds']:.0f} s",
+    ]
+    return '\n'.join(lines)
+
+
+def _prec(p: str) -> str:
+    return 'fp32' if p in ('no', 'fp32', None) else p
+
+
+def _pct(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return 100.0 * a / b if a and b else None
+
+
+def _child_main(argv: List[str]) -> int:
+    if len(argv) == 2 and argv[0] == '--child-label':
+        print(json.dumps(_child_label(json.loads(argv[1]))), flush=True)
+        return 0
+    print('usage: noisystudent bench (this module runs only as its labeling child)', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+    sys.exit(_child_main(sys.argv[1:]))
