@@ -150,3 +150,43 @@ def test_fold_batchnorm_leaves_a_model_it_cannot_fold_as_it_was():
     assert isinstance(same.bn, torch.nn.BatchNorm2d) and same.conv.bias is None
     with torch.no_grad():
         assert torch.equal(same(x), before)
+
+
+def test_workers_and_threads_share_the_cores(monkeypatch):
+    from timm_noisystudent.data import default_num_workers
+    from timm_noisystudent.engine import cpu_threads, torch_threads
+
+    monkeypatch.setattr('os.cpu_count', lambda: 2)
+    assert default_num_workers(224, on_gpu=False) == 0  # B0 at 224 px: the model needs both cores
+    assert default_num_workers(32, on_gpu=False) == 1  # small images: data costs about what the model does
+    assert default_num_workers(224, on_gpu=True) == 1
+    monkeypatch.setattr('os.cpu_count', lambda: 64)
+    assert default_num_workers(224, on_gpu=True) == 8 and default_num_workers(224, on_gpu=False) == 8
+
+    monkeypatch.setattr('os.sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    cpu = torch.device('cpu')
+    assert cpu_threads(0, cpu) is None  # no workers: torch keeps its own count
+    assert cpu_threads(1, cpu) == 1
+    assert cpu_threads(1, torch.device('cuda')) is None
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    assert cpu_threads(1, cpu) == 1  # never below one thread
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_tied_labels_are_the_first_maximum_as_argmax_defines():
+    from timm_noisystudent.labeling import _soft_columns
+
+    probs = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.05, 0.15, 0.4], [0.1, 0.2, 0.3, 0.4]])
+    cols, labels, conf = _soft_columns(probs, None)
+    assert labels.tolist() == [1, 0, 3] and conf.tolist() == pytest.approx([0.3, 0.4, 0.4])
+    cols, labels, conf = _soft_columns(probs, 3)
+    assert labels.tolist() == [1, 0, 3]
+    assert cols['topk_idx'].tolist() == [[1, 2, 3], [0, 3, 2], [3, 2, 1]]
+    assert cols['topk_prob'][:, 0].tolist() == pytest.approx([0.3, 0.4, 0.4])

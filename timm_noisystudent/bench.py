@@ -64,9 +64,10 @@ def _photos() -> List[Any]:
 def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10) -> Path:
     """An image folder of ``n`` JPEGs, ``classes`` subfolders, sides uniform in 256..500 px.
 
-    Kept when ``root`` already holds the same set (a DONE marker names it).
+    Kept when ``root`` already holds the same set (a DONE marker names it). Written by a few
+    processes; each image depends only on (seed, its number).
     """
-    from PIL import Image
+    from concurrent.futures import ProcessPoolExecutor
 
     root = Path(root)
     marker = root / 'DONE'
@@ -74,11 +75,26 @@ def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10) -> 
     if marker.is_file() and marker.read_text() == spec:
         return root
     shutil.rmtree(root, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    photos = _photos()
     for c in range(classes):
         (root / f'class_{c:03d}').mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    jobs = min(4, os.cpu_count() or 1)
+    chunks = [(str(root), range(k, n, jobs), seed, classes) for k in range(jobs)]
+    if jobs > 1 and n >= 64:
+        with ProcessPoolExecutor(jobs) as pool:
+            list(pool.map(_write_images, *zip(*chunks)))
+    else:
+        for chunk in chunks:
+            _write_images(*chunk)
+    marker.write_text(spec)
+    return root
+
+
+def _write_images(root: str, numbers, seed: int, classes: int) -> None:
+    from PIL import Image
+
+    photos = _photos()
+    for i in numbers:
+        rng = np.random.default_rng([seed, i])
         w, h = (int(v) for v in rng.integers(_MIN_SIDE, _MAX_SIDE + 1, 2))
         field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
             (w, h), Image.Resampling.BICUBIC)
@@ -92,9 +108,7 @@ def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10) -> 
             img = Image.blend(crop, field, float(rng.uniform(0.1, 0.5)))
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        img.save(root / f'class_{i % classes:03d}' / f'{i:06d}.jpg', quality=90)
-    marker.write_text(spec)
-    return root
+        img.save(Path(root) / f'class_{i % classes:03d}' / f'{i:06d}.jpg', quality=90)
 
 
 def _sorted_files(root: Path) -> List[Path]:
@@ -109,15 +123,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _steps_per_s(times: List[float], warmup: int, per_step: int) -> Optional[float]:
-    """Images per second over the steps after ``warmup``, from the step end times."""
-    timed = times[warmup:]
-    if len(timed) < 2 and warmup == 0:
+    """Images per second over the steps after the first ``warmup`` (at least one), from step end times."""
+    if warmup < 1 or len(times) <= warmup or times[-1] <= times[warmup - 1]:
         return None
-    start = times[warmup - 1] if warmup else timed[0]
-    steps = len(timed) if warmup else len(timed) - 1
-    if steps < 1 or timed[-1] <= start:
-        return None
-    return steps * per_step / (timed[-1] - start)
+    return (len(times) - warmup) * per_step / (times[-1] - times[warmup - 1])
 
 
 @contextmanager
@@ -205,10 +214,13 @@ def _same_labels(project_out: Path, folder: Path, n: int, baseline: Dict[str, in
 
 def inference_ceiling(model_name: str, batch_size: int, device: torch.device, precision: str,
                       batches: int, seed: int = 0, image_size: Optional[int] = None) -> Dict[str, Any]:
-    """The bare forward in the project's precision and layout on tensors made in advance."""
-    model = _model(model_name, seed).eval().to(device, memory_format=torch.channels_last)
+    """The bare forward of the model as labeling runs it (BatchNorm folded, channels_last, its precision)."""
+    from .models import fold_batchnorm
+
+    model = _model(model_name, seed).eval().to(device)
     size = _data_config(model, image_size)['input_size']
     x = torch.randn(batch_size, *size, device=device).contiguous(memory_format=torch.channels_last)
+    model = fold_batchnorm(model, x[:2]).to(memory_format=torch.channels_last)
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
     times = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision in ('bf16', 'fp16')):
@@ -230,17 +242,22 @@ def bf16_agreement(model_name: str, folder: Path, n: int, batch_size: int, devic
     transform = timm.data.create_transform(**_data_config(model, image_size))
     files = _sorted_files(folder)[:n]
     same = total = 0
+    confidence = []
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(files), batch_size):
             x = torch.stack([transform(decode_image(str(f))) for f in files[b:b + batch_size]])
             x = x.to(device).contiguous(memory_format=torch.channels_last)
-            full = model(x).float().argmax(-1)
+            logits = model(x).float()
+            full = logits.argmax(-1)
+            confidence += logits.softmax(-1).max(-1).values.tolist()
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 half = model(x).float().argmax(-1)
             same += int((full == half).sum())
             total += len(full)
+    # random weights give near-uniform outputs (top-1 ~ 1/classes): ties that bf16 rounding breaks
     return {'agreement': same / total if total else None, 'images': total,
+            'median_top1_prob': float(np.median(confidence)) if confidence else None,
             'seconds': round(time.perf_counter() - t0, 2)}
 
 
@@ -506,11 +523,13 @@ def run_bench(
     if batch_size < 2:
         raise UserError('--batch-size must be at least 2.')
     dev = _device(device)
-    workers = default_num_workers() if num_workers is None else num_workers
+    input_px = _data_config(_model(model, seed), image_size)['input_size'][-1]
+    # what labeling.label and engine.train pick for themselves; the plain loops get as many
+    workers = default_num_workers(input_px, dev.type == 'cuda') if num_workers is None else num_workers
     fast_bf16 = _fast_bf16(dev)
     baseline_images = min(n, baseline_images or 8 * batch_size)
     # bf16 without hardware support runs ~20x slower than fp32 on CPU: keep that sample small
-    agreement_images = min(n, agreement_images or (256 if fast_bf16 else 16))
+    agreement_images = min(n, agreement_images or (256 if fast_bf16 else 8))
     # what 'auto' picks on this device (resolve_precision would look at a GPU even under --device cpu)
     infer_precision = (resolve_precision('auto', 'inference') if dev.type == 'cuda'
                        else 'bf16' if fast_bf16 else 'no')
@@ -621,53 +640,53 @@ def _fmt(v: Optional[float], spec: str = '.1f', suffix: str = '') -> str:
     return '-' if v is None else f'{v:{spec}}{suffix}'
 
 
+def _row(name: str, rate: Optional[float], baseline: Optional[float], ceiling: Optional[float]) -> tuple:
+    return (name, _fmt(rate), _fmt(_ratio(rate, baseline), '.2f', 'x'), _fmt(_pct(rate, ceiling), '.0f', '%'))
+
+
 def format_table(r: Dict[str, Any]) -> str:
     """The results as the table the README shows."""
     s, lab, tr = r['settings'], r['labeling'], r['training']
     lr, tr_runs = lab['runs'], tr['runs']
-    size = s['image_size'] or 'own size'
+    lab_base, lab_ceil = lab['baseline_img_per_s'], lab['ceiling_img_per_s']
+    tr_base, tr_ceil = tr['baseline_img_per_s'], tr['ceiling_img_per_s']
+    header = ('img/s', 'vs baseline', 'of ceiling')
     rows = [
-        ('labeling: JPEG files -> parquet', 'img/s', 'vs baseline', 'of ceiling'),
-        (f"noisystudent label ({lr['project']['images']} images, {_prec(lr['project']['precision'])})",
-         _fmt(lab['img_per_s']), _fmt(lab['ratio_to_baseline'], '.2f', 'x'),
-         _fmt(100 * lab['fraction_of_ceiling'] if lab['fraction_of_ceiling'] else None, '.0f', '%')),
-        (f"baseline: timm docs loop ({lr['baseline']['images']} images, fp32 NCHW)", _fmt(lab['baseline_img_per_s']),
-         '1.00x', _fmt(_pct(lab['baseline_img_per_s'], lab['ceiling_img_per_s']), '.0f', '%')),
-        (f"ceiling: bare forward ({_prec(lr['ceiling']['precision'])}, channels_last)", _fmt(lab['ceiling_img_per_s']),
-         _fmt(_ratio(lab['ceiling_img_per_s'], lab['baseline_img_per_s']), '.2f', 'x'), '100%'),
+        ('labeling: JPEG files -> parquet',) + header,
+        _row(f"noisystudent label ({lr['project']['images']} images, {_prec(lr['project']['precision'])})",
+             lab['img_per_s'], lab_base, lab_ceil),
+        _row(f"baseline: timm docs loop ({lr['baseline']['images']} images, fp32 NCHW)", lab_base, lab_base, lab_ceil),
+        _row(f"ceiling: bare forward ({_prec(lr['ceiling']['precision'])}, channels_last, BN folded)",
+             lab_ceil, lab_base, lab_ceil),
         ('', '', '', ''),
-        (f"training: student steps ({tr_runs['student']['images_per_step']} images/step)", 'img/s', 'vs baseline',
-         'of ceiling'),
-        (f"noisystudent student (engine.train, {tr_runs['student']['randaugment']}, EMA)", _fmt(tr['img_per_s']),
-         _fmt(tr['ratio_to_baseline'], '.2f', 'x'),
-         _fmt(100 * tr['fraction_of_ceiling'] if tr['fraction_of_ceiling'] else None, '.0f', '%')),
-        ('baseline: timm transform, fp32 NCHW, SGD, CE', _fmt(tr['baseline_img_per_s']), '1.00x',
-         _fmt(_pct(tr['baseline_img_per_s'], tr['ceiling_img_per_s']), '.0f', '%')),
-        (f"tuned plain loop: channels_last, {_prec(tr_runs['tuned']['precision'])}", _fmt(tr['tuned_img_per_s']),
-         _fmt(_ratio(tr['tuned_img_per_s'], tr['baseline_img_per_s']), '.2f', 'x'),
-         _fmt(_pct(tr['tuned_img_per_s'], tr['ceiling_img_per_s']), '.0f', '%')),
-        (f"ceiling: bare forward+backward ({_prec(tr_runs['ceiling']['precision'])}, channels_last)",
-         _fmt(tr['ceiling_img_per_s']), _fmt(_ratio(tr['ceiling_img_per_s'], tr['baseline_img_per_s']), '.2f', 'x'),
-         '100%'),
+        (f"training: student steps ({tr_runs['student']['images_per_step']} images/step)",) + header,
+        _row(f"noisystudent student (engine.train, {tr_runs['student']['randaugment']}, EMA)",
+             tr['img_per_s'], tr_base, tr_ceil),
+        _row('baseline: timm transform, fp32 NCHW, SGD, CE', tr_base, tr_base, tr_ceil),
+        _row(f"tuned plain loop: channels_last, {_prec(tr_runs['tuned']['precision'])}",
+             tr['tuned_img_per_s'], tr_base, tr_ceil),
+        _row(f"ceiling: bare forward+backward ({_prec(tr_runs['ceiling']['precision'])}, channels_last)",
+             tr_ceil, tr_base, tr_ceil),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"noisystudent bench: {s['model']} at {size}, batch {s['batch_size']}, {r['device']}, "
-             f"torch {r['torch']}, {s['num_workers']} workers, load {r['load_avg_start']} -> {r['load_avg_end']}"]
+    lines = [f"noisystudent bench: {s['model']} at {s['image_size'] or 'its own size'}, batch {s['batch_size']}, "
+             f"{r['device']}, torch {r['torch']}, {s['num_workers']} workers, "
+             f"load {r['load_avg_start']} -> {r['load_avg_end']}"]
     for row in rows:
         lines.append('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      if any(row) else '')
-    rss = s['rss_images']
-    agree = r['agreement']
+    rss, agree = s['rss_images'], r['agreement']
     lines += [
         '',
+        f"student vs the tuned plain loop: {_fmt(tr['ratio_to_tuned'], '.2f', 'x')}",
         f"labeling peak RSS: {lab['peak_rss_mb']:.0f} MB at {rss[1]} images, {lab['peak_rss_mb_small']:.0f} MB "
         f"at {rss[0]} (ratio {_fmt(lab['rss_ratio_8n_vs_n'], '.3f')})",
         f"labels vs the timm docs loop: {_fmt(_pct(lab['agreement_with_baseline'], 1.0), '.2f', '%')} same top-1 "
         f"on {lr['baseline']['images']} images",
-        f"bf16 vs fp32 top-1 agreement: {_fmt(100 * agree['agreement'] if agree['agreement'] is not None else None, '.2f', '%')}"
-        f" of {agree['images']} images" + ('' if s['fast_bf16'] else ' (bf16 is emulated and slow on this device: '
-                                           'labeling runs fp32 here)'),
-        f"student: tuned ratio {_fmt(tr['ratio_to_tuned'], '.2f', 'x')}; total {r['seconds']:.0f} s",
+        f"bf16 vs fp32 top-1 agreement: {_fmt(_pct(agree['agreement'], 1.0), '.2f', '%')} of {agree['images']} "
+        f"images (fp32 median top-1 probability {_fmt(agree['median_top1_prob'], '.4f')})"
+        + ('' if s['fast_bf16'] else '; bf16 is emulated and slow here, so labeling runs fp32'),
+        f"total {r['seconds']:.0f} s",
     ]
     return '\n'.join(lines)
 
@@ -677,7 +696,7 @@ def _prec(p: str) -> str:
 
 
 def _pct(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return 100.0 * a / b if a and b else None
+    return 100.0 * a / b if a is not None and b else None
 
 
 def _child_main(argv: List[str]) -> int:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -90,6 +91,32 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def cpu_threads(num_workers: int, device: torch.device) -> Optional[int]:
+    """torch's thread count for a CPU process whose cores its DataLoader workers share; None: leave it.
+
+    Measured on 2 cores: two OpenMP threads next to a busy worker (or any other busy process)
+    spin at every barrier and train many times slower; one thread per core left over does not.
+    """
+    if device.type != 'cpu' or num_workers <= 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    per_process = max(1, cores // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
+    return max(1, per_process - num_workers)
+
+
+@contextmanager
+def torch_threads(n: Optional[int]):
+    """torch.set_num_threads(n) for a block, then the count from before; None leaves it alone."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
 
 
 def process_state() -> PartialState:
@@ -451,7 +478,8 @@ def train(
     data_config = data_config_of(model, spec.image_size)
     _freeze_early_blocks(model, freeze_blocks)
 
-    num_workers = train_cfg.num_workers if train_cfg.num_workers is not None else default_num_workers()
+    num_workers = train_cfg.num_workers if train_cfg.num_workers is not None else default_num_workers(
+        data_config['input_size'][-1], accelerator.device.type == 'cuda')
     B = spec.batch_size
     if student:
         pseudo_table, pseudo_stats = read_pseudo(Path(pseudo))
@@ -547,7 +575,8 @@ def train(
     metrics: Dict[str, Any] = {}
     t_start = time.perf_counter() - state['seconds']
     window_t, window_imgs = time.perf_counter(), 0
-    with _StopFlag() as stop, bar:  # the bar is cleared however the loop ends
+    with _StopFlag() as stop, bar, torch_threads(cpu_threads(num_workers, accelerator.device)):
+        # the bar is cleared however the loop ends; the thread count is restored too
         while state['step'] < total_steps:
             epoch = state['epoch']
             main_loader.set_epoch(epoch)
@@ -691,7 +720,8 @@ def evaluate_model(
     model = load_model(model_spec, allow_pickle=allow_pickle)
     data_config = data_config_of(model, image_size)
     loader = _eval_loader(data, data_config, batch_size,
-                          default_num_workers() if num_workers is None else num_workers, model.num_classes)
+                          default_num_workers(data_config['input_size'][-1], accelerator.device.type == 'cuda')
+                          if num_workers is None else num_workers, model.num_classes)
     model = model.to(memory_format=torch.channels_last)
     model, loader = accelerator.prepare(model, loader)
     return evaluate(model, loader, accelerator, accelerator.unwrap_model(model).num_classes)

@@ -44,7 +44,9 @@ from .data import (
     EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, default_num_workers, image_column_of,
     load_source, undecoded,
 )
-from .engine import Preempted, _StopFlag, make_accelerator, resolve_precision  # Accelerator and signal helpers only
+from .engine import (  # Accelerator, signal and thread helpers only
+    Preempted, _StopFlag, cpu_threads, make_accelerator, resolve_precision, torch_threads,
+)
 from .models import data_config_of, fold_batchnorm, label_names_of, load_model
 
 __all__ = ['label', 'select', 'per_class_target', 'read_raw', 'AGREEMENT_SAMPLE']
@@ -181,9 +183,14 @@ def _soft_columns(probs: torch.Tensor, topk: Optional[int]) -> Tuple[Dict[str, n
     """The soft-label columns of a batch, its argmax labels and confidences."""
     if topk:
         values, idx = probs.topk(topk, dim=-1)
+        # ties in index order, so the label is argmax's (topk orders equal values arbitrarily)
+        idx, by_index = idx.sort(dim=-1)
+        values, by_value = values.gather(-1, by_index).sort(dim=-1, descending=True, stable=True)
+        idx = idx.gather(-1, by_value)
         cols = {'topk_idx': idx.cpu().numpy().astype(np.int64), 'topk_prob': values.cpu().numpy().astype(np.float32)}
         return cols, cols['topk_idx'][:, 0].copy(), cols['topk_prob'][:, 0].copy()
-    conf, labels = probs.max(dim=-1)
+    labels = probs.argmax(dim=-1)  # the first of tied maxima, as torch.argmax and numpy document (max does not)
+    conf = probs.gather(-1, labels[:, None])[:, 0]
     return ({'probs': probs.cpu().numpy().astype(np.float32)}, labels.cpu().numpy().astype(np.int64),
             conf.cpu().numpy().astype(np.float32))
 
@@ -536,7 +543,8 @@ def label(
     model = fold_batchnorm(model if owned else copy.deepcopy(model), example).to(memory_format=torch.channels_last)
     labeler = _Labeler(model, accelerator, cfg.temperature, topk, check_agreement=main and precision != 'no',
                        normalize=getattr(transform, 'normalize', None))
-    workers = default_num_workers() if num_workers is None else num_workers
+    workers = default_num_workers(data_config['input_size'][-1], accelerator.device.type == 'cuda') \
+        if num_workers is None else num_workers
     desc = f'labeling ({world} processes)' if world > 1 else 'labeling'
     bar = tqdm(total=_rows_of_process(num_rows, streaming, rows_per_shard, rank, world),
                disable=not (progress and main), desc=desc, unit='img', dynamic_ncols=True, leave=False)
@@ -545,7 +553,7 @@ def label(
                        if _map_shard_path(raw, s, e).exists()))
     t_label = time.perf_counter()
     run = _label_streaming if streaming else _label_map_style
-    with _StopFlag() as halt, bar:
+    with _StopFlag() as halt, bar, torch_threads(cpu_threads(workers, accelerator.device)):
         done = run(ds, image_col, transform, labeler, raw, cfg.batch_size, rows_per_shard, workers, rank, world, bar,
                    halt=halt)
     done_all = int(accelerator.reduce(torch.tensor([done], device=accelerator.device), 'sum').item()) \

@@ -426,7 +426,8 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Mo
         children = list(parent.named_children())
         for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
             # exact types only: a subclass may transform its weight (weight standardization) in forward
-            if type(conv) not in (torch.nn.Conv2d, Conv2dSame) or type(bn) not in (torch.nn.BatchNorm2d, BatchNormAct2d):
+            if type(conv) not in (torch.nn.Conv2d, Conv2dSame) \
+                    or type(bn) not in (torch.nn.BatchNorm2d, BatchNormAct2d):
                 continue
             if bn.running_mean is None or conv.out_channels != bn.num_features:
                 continue
