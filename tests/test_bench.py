@@ -190,3 +190,42 @@ def test_tied_labels_are_the_first_maximum_as_argmax_defines():
     assert labels.tolist() == [1, 0, 3]
     assert cols['topk_idx'].tolist() == [[1, 2, 3], [0, 3, 2], [3, 2, 1]]
     assert cols['topk_prob'][:, 0].tolist() == pytest.approx([0.3, 0.4, 0.4])
+
+
+_FAULTS = '''
+import json, resource, sys, torch
+from timm_noisystudent import engine
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        x = torch.empty(2 ** 24)  # 64 MiB: above glibc's largest mmap threshold
+        x.fill_(1.0)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults()
+engine.make_accelerator()  # on CPU this keeps freed memory
+faults()  # the heap grows to its peak once
+print(json.dumps({'default': default, 'kept': engine.keep_freed_memory(), 'after': faults()}))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or __import__('platform').libc_ver()[0] != 'glibc',
+                    reason='glibc only')
+def test_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_at_every_step():
+    env = _env()
+    env['ACCELERATE_USE_CPU'] = '1'
+    for key in [k for k in env if k.startswith('MALLOC_') or k in ('LD_PRELOAD', 'GLIBC_TUNABLES')]:
+        del env[key]
+    proc = subprocess.run([sys.executable, '-c', _FAULTS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r['kept'] is True
+    assert r['default'] > 20 * 10000  # every 64 MiB tensor was a fresh mmap: ~16k page faults each
+    assert r['after'] < r['default'] / 10  # the memory is reused
+
+    env['MALLOC_ARENA_MAX'] = '2'  # the user chose allocator settings: leave glibc alone
+    proc = subprocess.run([sys.executable, '-c', _FAULTS], env=env, capture_output=True, text=True, timeout=300)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r['kept'] is False and r['after'] > r['default'] / 2

@@ -15,6 +15,10 @@ not. So every number here comes with its baseline from the same run:
 * peak RSS of labeling at N/8 and N images, each in its own process so the peaks do not mix;
 * top-1 agreement of bf16 and fp32 labels.
 
+The project's measurements (labeling, student, ceilings) each run in a fresh process with the
+process settings the project makes (threads, glibc's allocator); the plain loops run in this
+one with the defaults, as a user's own script would.
+
 The images are generated JPEGs of varied sizes (crops of scikit-learn's sample photos under a
 smooth colour field), written as an image folder so that decoding is part of the work.
 Imports only go downward: data, models, engine, labeling, augment, config.
@@ -275,12 +279,21 @@ def project_labeling(model_name: str, folder: Path, n: int, batch_size: int, num
     shutil.rmtree(out, ignore_errors=True)  # label() would resume from shards left by an earlier run
     args = dict(model=model_name, folder=str(folder), n=n, batch_size=batch_size, num_workers=num_workers,
                 out=str(out), seed=seed, image_size=image_size, precision=precision)
-    proc = subprocess.run([sys.executable, '-m', 'timm_noisystudent.bench', '--child-label', json.dumps(args)],
+    return _in_child('label', args, device)
+
+
+def _in_child(kind: str, args: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """One of the project's measurements in a fresh process, with the process-wide settings it makes.
+
+    The project's runs change their process (torch threads, glibc's allocator, Accelerate state);
+    the plain loops run in this process, as a user's own script would, and must not inherit them.
+    """
+    proc = subprocess.run([sys.executable, '-m', 'timm_noisystudent.bench', '--child', kind, json.dumps(args)],
                           env=_child_env(device), capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError('the labeling process failed:\n' + '\n'.join(tail))
+        raise RuntimeError(f'the {kind} process failed:\n' + '\n'.join(tail))
     return json.loads(lines[-1])
 
 
@@ -569,8 +582,9 @@ def run_bench(
             base = baseline_labeling(model, folder, baseline_images, batch_size, workers, dev,
                                      root / 'baseline.parquet', seed, image_size)
         log('labeling ceiling (bare forward) ...')
-        ceiling = inference_ceiling(model, batch_size, dev, infer_precision, batches=4, seed=seed,
-                                    image_size=image_size)
+        ceiling = _in_child('ceiling', dict(workload='inference', model_name=model, batch_size=batch_size,
+                                            device=str(dev), precision=infer_precision, batches=4, seed=seed,
+                                            image_size=image_size), dev)
         lab.update({
             'img_per_s': full['img_per_s'], 'baseline_img_per_s': base['img_per_s'],
             'ceiling_img_per_s': ceiling['img_per_s'],
@@ -585,9 +599,11 @@ def run_bench(
         results['labeling'] = lab
 
         log(f'student training ({train_steps} timed steps, engine.train) ...')
-        student = student_training(model, folder, n, batch_size, num_workers, root / 'train', train_steps, 2,
-                                   seed, image_size, DEFAULTS['randaugment'], DEFAULTS['unlabeled_ratio'],
-                                   DEFAULTS['classes'], train_precision)
+        student = _in_child('student', dict(
+            model_name=model, folder=str(folder), n=n, batch_size=batch_size, num_workers=num_workers,
+            out=str(root / 'train'), steps=train_steps, warmup=2, seed=seed, image_size=image_size,
+            randaugment=DEFAULTS['randaugment'], unlabeled_ratio=DEFAULTS['unlabeled_ratio'],
+            classes=DEFAULTS['classes'], precision=train_precision), dev)
         log('plain timm training loop ...')
         with _threads_kept():
             base_t = plain_training(model, folder, batch_size, workers, dev, max(2, train_steps - 1), 1, seed,
@@ -597,8 +613,9 @@ def run_bench(
             tuned = plain_training(model, folder, batch_size, workers, dev, max(2, train_steps - 1), 1, seed,
                                    image_size, channels_last=True, amp_dtype=tuned_amp)
         log('training ceiling (bare forward+backward) ...')
-        ceil_t = training_ceiling(model, batch_size, dev, train_precision, max(2, train_steps - 1), seed,
-                                  image_size)
+        ceil_t = _in_child('ceiling', dict(workload='train', model_name=model, batch_size=batch_size,
+                                           device=str(dev), precision=train_precision,
+                                           steps=max(2, train_steps - 1), seed=seed, image_size=image_size), dev)
         results['training'] = {
             'img_per_s': student['img_per_s'], 'baseline_img_per_s': base_t['img_per_s'],
             'tuned_img_per_s': tuned['img_per_s'], 'ceiling_img_per_s': ceil_t['img_per_s'],
@@ -679,6 +696,8 @@ def format_table(r: Dict[str, Any]) -> str:
     lines += [
         '',
         f"student vs the tuned plain loop: {_fmt(tr['ratio_to_tuned'], '.2f', 'x')}",
+        'project processes keep freed memory (glibc: mmap off, trim above 2 GiB): '
+        + ('yes' if tr_runs['student'].get('keeps_freed_memory') else 'no') + '; the plain loops run with the defaults',
         f"labeling peak RSS: {lab['peak_rss_mb']:.0f} MB at {rss[1]} images, {lab['peak_rss_mb_small']:.0f} MB "
         f"at {rss[0]} (ratio {_fmt(lab['rss_ratio_8n_vs_n'], '.3f')})",
         f"labels vs the timm docs loop: {_fmt(_pct(lab['agreement_with_baseline'], 1.0), '.2f', '%')} same top-1 "
@@ -699,11 +718,32 @@ def _pct(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return 100.0 * a / b if a is not None and b else None
 
 
+def _child_ceiling(args: Dict[str, Any]) -> Dict[str, Any]:
+    """A ceiling with the process settings the project's own runs make (engine.make_accelerator)."""
+    from .engine import keep_freed_memory
+
+    dev = torch.device(args.pop('device'))
+    if dev.type == 'cpu':
+        keep_freed_memory()
+    measure = inference_ceiling if args.pop('workload') == 'inference' else training_ceiling
+    return measure(device=dev, **args)
+
+
+def _child_student(args: Dict[str, Any]) -> Dict[str, Any]:
+    return student_training(folder=Path(args.pop('folder')), out=Path(args.pop('out')), **args)
+
+
+_CHILDREN = {'label': _child_label, 'ceiling': _child_ceiling, 'student': _child_student}
+
+
 def _child_main(argv: List[str]) -> int:
-    if len(argv) == 2 and argv[0] == '--child-label':
-        print(json.dumps(_child_label(json.loads(argv[1]))), flush=True)
+    if len(argv) == 3 and argv[0] == '--child' and argv[1] in _CHILDREN:
+        from .engine import keep_freed_memory
+        result = _CHILDREN[argv[1]](json.loads(argv[2]))
+        result['keeps_freed_memory'] = keep_freed_memory()  # already decided by the run on CPU
+        print(json.dumps(result), flush=True)
         return 0
-    print('usage: noisystudent bench (this module runs only as its labeling child)', file=sys.stderr)
+    print('usage: noisystudent bench (this module runs only as the bench\'s child process)', file=sys.stderr)
     return 2
 
 

@@ -5,11 +5,14 @@ distributed detail is one Accelerate call. A teacher trains on labeled images wi
 a student (``pseudo`` given) trains noised on one concatenated batch of B labeled and
 ratio*B pseudo-labeled images, so BatchNorm sees the mix.
 """
+import ctypes
 import json
 import math
 import os
+import platform
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,6 +122,40 @@ def torch_threads(n: Optional[int]):
             torch.set_num_threads(before)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
+_allocator_kept: Optional[bool] = None
+
+
+def keep_freed_memory() -> bool:
+    """On glibc, keep freed memory for reuse instead of handing it back to the kernel after every step.
+
+    torch's CPU tensors come from malloc. With glibc's defaults a large activation is a fresh
+    ``mmap`` that ``free`` unmaps, and the top of the heap is trimmed as soon as 128 KiB are free,
+    so every step faults the same memory in again page by page, zeroed by the kernel. Measured
+    on 2 cores (tf_efficientnet_b0 at 224 px, batch 32, fp32): about a million page faults per
+    training step; with mmap off and trimming above 2 GiB only, forward+backward 7.5 -> 9.8 img/s
+    and inference 31.7 -> 39.3 img/s. Memory that is freed stays with the process, so its RSS is
+    its peak, which a training or labeling loop reaches again at every step anyway.
+
+    Done once per process, on Linux with glibc, and not when the user chose the allocator
+    (``LD_PRELOAD``, ``GLIBC_TUNABLES`` or any ``MALLOC_*`` variable). Returns whether it is on.
+    """
+    global _allocator_kept
+    if _allocator_kept is not None:
+        return _allocator_kept
+    _allocator_kept = False
+    chosen = any(k in ('LD_PRELOAD', 'GLIBC_TUNABLES') or k.startswith('MALLOC_') for k in os.environ)
+    if chosen or not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc':
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+    except (OSError, AttributeError):
+        return False
+    _allocator_kept = ok
+    return ok
+
+
 def process_state() -> PartialState:
     """Accelerate's process state, initialised as ``Accelerator`` would be.
 
@@ -139,7 +176,10 @@ def make_accelerator(mixed_precision: str = 'no', seed: int = 0, **kwargs) -> Ac
         AcceleratorState._reset_state(reset_partial_state=False)
     process_state()
     config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
-    return Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
+    accelerator = Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
+    if accelerator.device.type == 'cpu':
+        keep_freed_memory()
+    return accelerator
 
 
 @dataclass
