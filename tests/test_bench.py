@@ -3,7 +3,6 @@
 Nothing here is timed: speed is what the bench reports, not what a test asserts. The bf16 vs
 fp32 label agreement is tested in test_labeling.py.
 """
-import io
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 from timm_noisystudent.bench import make_images
-from timm_noisystudent.data import EvalTransform, decode_image
+from timm_noisystudent.data import EvalTransform
 from timm_noisystudent.models import fold_batchnorm
 
 CLI = [sys.executable, '-m', 'timm_noisystudent']
@@ -92,21 +91,6 @@ def test_eval_transform_falls_back_to_timm_for_other_crops():
     assert not isinstance(EvalTransform.of(config), EvalTransform)
 
 
-def _jpeg(img):
-    buf = io.BytesIO()
-    img.save(buf, format='JPEG', quality=90)
-    return buf.getvalue()
-
-
-def test_large_jpegs_decode_at_reduced_size_never_below_the_resize():
-    data = _jpeg(_photo(1200, 900))
-    assert decode_image({'bytes': data, 'path': None}).size == (1200, 900)
-    reduced = decode_image({'bytes': data, 'path': None}, min_side=256)
-    assert reduced.mode == 'RGB' and reduced.size == (600, 450)  # 1/4 would be 225 px, below 256
-    small = _jpeg(_photo(400, 300))
-    assert decode_image({'bytes': small, 'path': None}, min_side=256).size == (400, 300)  # < 2x: full size
-
-
 def _eval_with_stats(model):
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -153,15 +137,17 @@ def test_fold_batchnorm_leaves_a_model_it_cannot_fold_as_it_was():
 
 
 def test_workers_and_threads_share_the_cores(monkeypatch):
-    from timm_noisystudent.data import default_num_workers
+    from timm_noisystudent.data import num_workers_for
     from timm_noisystudent.engine import cpu_threads, torch_threads
 
     monkeypatch.setattr('os.cpu_count', lambda: 2)
-    assert default_num_workers(224, on_gpu=False) == 0  # B0 at 224 px: the model needs both cores
-    assert default_num_workers(32, on_gpu=False) == 1  # small images: data costs about what the model does
-    assert default_num_workers(224, on_gpu=True) == 1
+    cpu, gpu = torch.device('cpu'), torch.device('cuda')  # only their types are read
+    assert num_workers_for(None, 224, cpu) == 0  # B0 at 224 px: the model needs both cores
+    assert num_workers_for(None, 32, cpu) == 1  # small images: data costs about what the model does
+    assert num_workers_for(None, 224, gpu) == 1
+    assert num_workers_for(3, 224, cpu) == 3  # asked for: kept
     monkeypatch.setattr('os.cpu_count', lambda: 64)
-    assert default_num_workers(224, on_gpu=True) == 8 and default_num_workers(224, on_gpu=False) == 8
+    assert num_workers_for(None, 224, gpu) == 8 and num_workers_for(None, 224, cpu) == 8
 
     monkeypatch.setattr('os.sched_getaffinity', lambda pid: {0, 1}, raising=False)
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)

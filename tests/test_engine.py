@@ -1,6 +1,5 @@
 """The training engine on real tiny data: digits at 32 px with timm's test_efficientnet."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -18,6 +18,11 @@ CLI = [sys.executable, '-m', 'timm_noisystudent']
 STAGES = ['iter0-teacher', 'iter1-labels', 'iter1-student', 'iter2-labels', 'iter2-student']
 
 
+# the columns of summary.json that issue 5 fixes (wall time is one of them; no test asserts a duration)
+SUMMARY_ROW_SCHEMA = {'stage', 'model', 'teacher', 'top1', 'top5', 'labeled_images', 'pseudo_images',
+                      'seconds'}
+
+
 def _env():
     from conftest import hub_env
     return hub_env(OMP_NUM_THREADS='1')
@@ -56,7 +61,7 @@ def test_every_artifact_exists_and_loads(finished):
     assert [r['stage'] for r in summary['stages']] == STAGES
     assert json.loads((out / 'summary.json').read_text())['stages'] == summary['stages']
     for row in summary['stages']:
-        assert set(row) >= {'stage', 'model', 'teacher', 'top1', 'top5', 'labeled_images', 'pseudo_images', 'seconds'}
+        assert set(row) >= SUMMARY_ROW_SCHEMA
         assert (out / row['stage'] / 'DONE').is_file()
     students = [r for r in summary['stages'] if r['stage'].endswith('student')]
     assert all(0 <= r['top1'] <= 100 and r['pseudo_images'] > 0 and r['labeled_images'] == 50 for r in students)

@@ -24,7 +24,6 @@ smooth colour field), written as an image folder so that decoding is part of the
 Imports only go downward: data, models, engine, labeling, augment, config.
 """
 import json
-import math
 import os
 import platform
 import resource
@@ -528,7 +527,7 @@ def run_bench(
         log=print,
 ) -> Dict[str, Any]:
     """Run every measurement once and return the results (the ``--json`` document)."""
-    from .data import default_num_workers
+    from .data import num_workers_for
     from .engine import resolve_precision
 
     if n < 16:
@@ -538,7 +537,7 @@ def run_bench(
     dev = _device(device)
     input_px = _data_config(_model(model, seed), image_size)['input_size'][-1]
     # what labeling.label and engine.train pick for themselves; the plain loops get as many
-    workers = default_num_workers(input_px, dev.type == 'cuda') if num_workers is None else num_workers
+    workers = num_workers_for(num_workers, input_px, dev)
     fast_bf16 = _fast_bf16(dev)
     baseline_images = min(n, baseline_images or 8 * batch_size)
     # bf16 without hardware support runs ~20x slower than fp32 on CPU: keep that sample small

@@ -14,8 +14,7 @@ from .config import UserError
 
 def _print_main(text: str) -> None:
     # under `accelerate launch` every process runs the command; only one should talk
-    from .engine import process_state
-    if process_state().is_main_process:
+    if _is_main_process():
         print(text, flush=True)
 
 
@@ -159,7 +158,7 @@ def _cmd_label(args) -> None:
 
 
 def _is_main_process() -> bool:
-    # exports and pushes happen once, not once per `accelerate launch` process
+    # printing, exports and pushes happen once, not once per `accelerate launch` process
     from .engine import process_state
     return process_state().is_main_process
 
@@ -231,8 +230,8 @@ def _cmd_bench(args) -> None:
                         seed=args.seed, train_steps=args.train_steps,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+        from .config import write_json_atomic
+        write_json_atomic(args.json, results)
     print(format_table(results), flush=True)
 
 

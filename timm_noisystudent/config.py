@@ -9,6 +9,7 @@ with a one-line message that names the full dotted key, so later stages can trus
 the variant's NS recipe (noise, unlabeled ratio) or the run length (EMA decay). Those decisions
 need the models module, and this module imports nothing else from the package.
 """
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -17,11 +18,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -684,17 +685,54 @@ def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
     """Write ``cfg`` as YAML to ``path`` atomically: a crash leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    write_text_atomic(path, config_to_yaml(cfg))
+    return path
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; on success it is synced and renamed to ``path``.
+
+    A crash or a full disk leaves the old file or the new one, never half of one: what the
+    block wrote is removed when it raises. The temporary name starts with a dot and carries no
+    extension of its own, so globs for finished files (``*.parquet``) never match it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(config_to_yaml(cfg))
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def fsync_file(path: Union[str, os.PathLike]) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+
+
+def replace_dir(tmp: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> None:
+    """Move a finished directory ``tmp`` to ``out``, replacing an older one whole."""
+    tmp, out = Path(tmp), Path(out)
+    old = out.parent / f'.{out.name}.old-{os.getpid()}'
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Union[str, os.PathLike], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding='utf-8')
+
+
+def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 # --- hashing -------------------------------------------------------------------------------------

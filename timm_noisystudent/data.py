@@ -7,7 +7,6 @@ one broken file is skipped and counted instead of stopping a run.
 """
 import hashlib
 import io
-import math
 import os
 import random
 import re
@@ -204,13 +203,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-def decode_image(value: Any, min_side: Optional[int] = None) -> Optional[Image.Image]:
-    """An RGB image from a datasets image value, or None when it cannot be decoded.
-
-    ``min_side``: the shorter side the image will be resized to; a JPEG at least twice as large
-    is decoded at 1/2, 1/4 or 1/8 scale (PIL's ``draft``), never below it, which makes decoding
-    large photos several times cheaper.
-    """
+def decode_image(value: Any) -> Optional[Image.Image]:
+    """An RGB image from a datasets image value, or None when it cannot be decoded."""
     try:
         if isinstance(value, Image.Image):
             img = value
@@ -224,9 +218,6 @@ def decode_image(value: Any, min_side: Optional[int] = None) -> Optional[Image.I
             img = Image.open(io.BytesIO(value))
         else:
             return None
-        if min_side and img.format == 'JPEG' and min(img.size) >= 2 * min_side:
-            scale = min_side / min(img.size)
-            img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             img.load()
@@ -244,26 +235,22 @@ class EvalTransform:
     The same PIL resize and crop as ``create_transform(**data_config)``, but it returns uint8
     CHW: ``normalize`` then does ToTensor's and Normalize's arithmetic once on the whole batch,
     on the model's device, in channels_last, and DataLoader workers send a quarter of the bytes.
-    The input is bit for bit timm's. (Resampling only the box that the crop keeps costs half as
-    much but moves pixels by a few levels, so labels would no longer match a timm forward.)
-    ``of`` gives timm's own transform back for configs this does not cover.
+    The input is bit for bit timm's. (Resampling only the box that the crop keeps, or decoding
+    JPEGs at reduced size with PIL's ``draft``, costs less but moves pixels, so labels would no
+    longer match a timm forward.) ``of`` gives timm's own transform back for configs this does
+    not cover.
     """
 
-    def __init__(self, short_side: int, crop: Sequence[int], resample: int, mean, std, draft: bool = False):
+    def __init__(self, short_side: int, crop: Sequence[int], resample: int, mean, std):
         self.short_side = short_side
-        # JPEG draft decoding changes pixels (and, measured, top-1 of near-ties): only on request
-        self.draft_side = short_side if draft else None
         self.crop_h, self.crop_w = crop
         self.resample = resample
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     @classmethod
-    def of(cls, data_config: Dict[str, Any], draft: bool = False) -> Callable:
-        """The fast transform for a timm eval config, or timm's transform where they would differ.
-
-        ``draft``: decode JPEGs at least twice the resize at reduced scale (see ``decode_image``).
-        """
+    def of(cls, data_config: Dict[str, Any]) -> Callable:
+        """The fast transform for a timm eval config, or timm's transform where they would differ."""
         import timm
         from torchvision import transforms as T
 
@@ -280,7 +267,7 @@ class EvalTransform:
         resample = T.functional.pil_modes_mapping.get(resize.interpolation)
         if resample is None:
             return timm_tf
-        return cls(size, crop_hw, resample, norm.mean.tolist(), norm.std.tolist(), draft)
+        return cls(size, crop_hw, resample, norm.mean.tolist(), norm.std.tolist())
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         # torchvision's Resize(int) output size (skipped when equal) and CenterCrop offsets
@@ -307,10 +294,8 @@ def image_transform_fn(image_column: str, transform: Callable, label_column: Opt
 
     Undecodable images become None; ``collate`` drops and counts them.
     """
-    min_side = getattr(transform, 'draft_side', None)  # EvalTransform(draft=True): JPEGs decode at reduced size
-
     def fn(batch):
-        images = [decode_image(v, min_side) for v in batch[image_column]]
+        images = [decode_image(v) for v in batch[image_column]]
         out = {'pixel_values': [transform(img) if img is not None else None for img in images]}
         if label_column is not None:
             out['label'] = batch[label_column]
@@ -450,20 +435,19 @@ def collate(rows: Dict[str, list]) -> Batch:
     return Batch(pixels, label, index, skipped)
 
 
-def default_num_workers(image_size: Optional[int] = None, on_gpu: Optional[bool] = None) -> int:
-    """DataLoader workers when none are asked for: about the share of the cores that decoding needs.
+def num_workers_for(requested: Optional[int], image_size: int, device: torch.device) -> int:
+    """DataLoader workers: ``requested``, or when None about the share of the cores decoding needs.
 
-    A GPU leaves the CPU to feed it: half the cores, at most 8. On CPU the model needs the same
-    cores (and gets the rest, see ``engine.cpu_threads``). Measured on 2 cores: B0 at 224 px spends
-    about 5% of a step on data and runs fastest with no worker (one cost 7%, or 40% with one torch
-    thread); 32 px digits spend about half and train 1.4x faster with one worker and one thread.
+    An accelerator leaves the CPU to feed it: half the cores, at most 8. On CPU the model needs
+    the same cores (and gets the rest, see ``engine.cpu_threads``). Measured on 2 cores: B0 at
+    224 px spends about 5% of a step on data and runs fastest with no worker (one cost 7%, or 40%
+    with one torch thread); 32 px digits spend about half and train 1.4x faster with one worker
+    and one thread.
     """
+    if requested is not None:
+        return requested
     cores = os.cpu_count() or 1
-    if on_gpu is None:
-        on_gpu = torch.cuda.is_available()
-    if on_gpu or image_size is None:
-        return min(8, max(0, cores // 2))
-    share = 0.5 if image_size <= _SMALL_INPUT else 0.125
+    share = 0.5 if device.type != 'cpu' or image_size <= _SMALL_INPUT else 0.125
     return min(8, int(cores * share))
 
 

@@ -35,9 +35,9 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from . import augment
-from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
+from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError, write_json_atomic
 from .data import (
-    ImageRows, PseudoRows, SourceLike, as_source, check_labels, collate, default_num_workers,
+    ImageRows, PseudoRows, SourceLike, as_source, check_labels, collate, num_workers_for,
     image_column_of, label_column_of, label_names_of, load_source, num_classes_of,
 )
 from .models import data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model
@@ -245,15 +245,6 @@ def _source_record(source) -> Optional[Dict[str, Any]]:
     return {'path': source.path, 'name': source.name, 'split': source.split}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _append_jsonl(path: Path, obj: Any) -> None:
     with open(path, 'a') as f:
         f.write(json.dumps(obj) + '\n')
@@ -352,7 +343,7 @@ def _save_checkpoint(accelerator, root: Path, state: Dict[str, Any], keep: int, 
         if accelerator.is_main_process:
             # the EMA weights go in safetensors beside Accelerate's state, never pickled
             save_file(_contiguous(ema.state_dict()), str(tmp / 'ema.safetensors'))
-            _write_json(tmp / 'trainer_state.json', state)
+            write_json_atomic(tmp / 'trainer_state.json', state)
             for f in tmp.iterdir():
                 if f.is_file():
                     with open(f, 'rb') as fh:
@@ -518,8 +509,7 @@ def train(
     data_config = data_config_of(model, spec.image_size)
     _freeze_early_blocks(model, freeze_blocks)
 
-    num_workers = train_cfg.num_workers if train_cfg.num_workers is not None else default_num_workers(
-        data_config['input_size'][-1], accelerator.device.type == 'cuda')
+    num_workers = num_workers_for(train_cfg.num_workers, data_config['input_size'][-1], accelerator.device)
     B = spec.batch_size
     if student:
         pseudo_table, pseudo_stats = read_pseudo(Path(pseudo))
@@ -711,7 +701,7 @@ def train(
     if accelerator.is_main_process:
         export_model = ema.module
         save_model(export_model, output / 'model', label_names=label_names, data_config=data_config)
-        _write_json(output / 'metrics.json', final)
+        write_json_atomic(output / 'metrics.json', final)
     accelerator.wait_for_everyone()
     if train_cfg.log_with:
         accelerator.end_training()
@@ -759,9 +749,9 @@ def evaluate_model(
     accelerator = make_accelerator(resolve_precision(mixed_precision, 'inference'))
     model = load_model(model_spec, allow_pickle=allow_pickle)
     data_config = data_config_of(model, image_size)
-    loader = _eval_loader(data, data_config, batch_size,
-                          default_num_workers(data_config['input_size'][-1], accelerator.device.type == 'cuda')
-                          if num_workers is None else num_workers, model.num_classes)
+    workers = num_workers_for(num_workers, data_config['input_size'][-1], accelerator.device)
+    loader = _eval_loader(data, data_config, batch_size, workers, model.num_classes)
     model = model.to(memory_format=torch.channels_last)
     model, loader = accelerator.prepare(model, loader)
-    return evaluate(model, loader, accelerator, accelerator.unwrap_model(model).num_classes)
+    with torch_threads(cpu_threads(workers, accelerator.device)):
+        return evaluate(model, loader, accelerator, accelerator.unwrap_model(model).num_classes)

@@ -27,8 +27,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData
 
-from .config import UserError
-from .models import NS_RECIPES, count_params, read_state_dict
+from .config import UserError, fsync_file, replace_dir
+from .models import NS_RECIPES, count_params, is_model_dir, read_state_dict
 
 __all__ = [
     'ModelSource', 'resolve_source', 'model_card', 'export', 'push', 'push_labels', 'labels_card',
@@ -71,10 +71,6 @@ class ModelSource:
     stage_dir: Optional[Path] = None
     run_dir: Optional[Path] = None
     stage: Optional[str] = None
-
-
-def _is_model_dir(path: Path) -> bool:
-    return path.is_dir() and (path / 'config.json').is_file()
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -120,11 +116,11 @@ def resolve_source(src: Union[str, os.PathLike, ModelSource], allow_pickle: bool
         stage = _final_stage(path)
         if stage is not None:
             source = ModelSource(path / stage / 'model', path / stage, path, stage)
-        elif _is_model_dir(path / 'final'):
+        elif is_model_dir(path / 'final'):
             source = ModelSource(path / 'final', None, path, None)
         else:
             raise UserError(f'run {path} has no finished stage yet; wait for it, or export a stage directory.')
-    elif _is_model_dir(path / 'model'):
+    elif is_model_dir(path / 'model'):
         run = path.parent if _is_run_dir(path.parent) else None
         source = ModelSource(path / 'model', path, run, path.name if run else None)
     elif path.name == 'final' and _is_run_dir(path.parent):
@@ -158,7 +154,7 @@ def _model_stages(run: Path) -> List[str]:
 def _final_stage(run: Path) -> Optional[str]:
     """The last model stage of a run that finished (has DONE and an exported model)."""
     for name in reversed(_model_stages(run)):
-        if (run / name / 'DONE').exists() and _is_model_dir(run / name / 'model'):
+        if (run / name / 'DONE').exists() and is_model_dir(run / name / 'model'):
             return name
     return None
 
@@ -659,27 +655,12 @@ def _check_safetensors(path: Path) -> None:
         raise UserError(f'cannot read {path} as safetensors: {e}') from None
 
 
-def _fsync(path: Path) -> None:
-    with open(path, 'rb') as f:
-        os.fsync(f.fileno())
-
-
 def _put(src: Path, dst: Path, link: bool) -> None:
     if link:
         with contextlib.suppress(OSError):
             os.link(src, dst)
             return
     shutil.copyfile(src, dst)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp directory to ``out``, replacing an older export whole."""
-    old = out.parent / f'.{out.name}.old-{os.getpid()}'
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_out(out: Path) -> None:
@@ -738,8 +719,8 @@ def export(
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         if not _link:
             for name in ('model.safetensors', 'config.json', 'README.md'):
-                _fsync(tmp / name)
-        _replace_dir(tmp, out)
+                fsync_file(tmp / name)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,9 +39,11 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
-from .config import DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError
+from .config import (
+    DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError, atomic_path, write_json_atomic,
+)
 from .data import (
-    EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, default_num_workers, image_column_of,
+    EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of, num_workers_for,
     load_source, undecoded,
 )
 from .engine import (  # Accelerator, signal and thread helpers only
@@ -242,19 +244,11 @@ class _Shard:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            if table.num_rows:
-                pq.write_table(table, f)
-            else:  # no row group at all: datasets cannot read one of zero rows
-                pq.ParquetWriter(f, table.schema).close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no partial file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # a full disk leaves no partial file behind
+        if table.num_rows:
+            pq.write_table(table, tmp)
+        else:  # no row group at all: datasets cannot read one of zero rows
+            pq.ParquetWriter(tmp, table.schema).close()
 
 
 def _shard_meta(path: Path) -> Dict[str, Any]:
@@ -272,15 +266,6 @@ def read_raw(output: Union[str, os.PathLike]) -> datasets.Dataset:
     if not files:
         raise UserError(f'{output} has no raw pseudo labels; run `noisystudent label` first.')
     return datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- labeling ------------------------------------------------------------------------------------
@@ -396,7 +381,7 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         for n, example in enumerate(self.ds):
             if n < self.skip:
                 continue  # labeled by an earlier run; not decoded
-            img = decode_image(example[self.image_col], getattr(self.transform, 'draft_side', None))
+            img = decode_image(example[self.image_col])
             rows['pixel_values'].append(self.transform(img) if img is not None else None)
             rows['index'].append(int(example[_INDEX]))
             if len(rows['index']) == self.batch_size:
@@ -462,7 +447,7 @@ def _prepare_raw(raw: Path, manifest: Dict[str, Any]) -> bool:
                           f'({", ".join(changed)}); labeling from scratch.', stacklevel=3)
         for f in raw.glob('*.parquet'):
             f.unlink()
-        _write_json(path, manifest)
+        write_json_atomic(path, manifest)
         return False
     return any(raw.glob('*.parquet'))
 
@@ -543,8 +528,7 @@ def label(
     model = fold_batchnorm(model if owned else copy.deepcopy(model), example).to(memory_format=torch.channels_last)
     labeler = _Labeler(model, accelerator, cfg.temperature, topk, check_agreement=main and precision != 'no',
                        normalize=getattr(transform, 'normalize', None))
-    workers = default_num_workers(data_config['input_size'][-1], accelerator.device.type == 'cuda') \
-        if num_workers is None else num_workers
+    workers = num_workers_for(num_workers, data_config['input_size'][-1], accelerator.device)
     desc = f'labeling ({world} processes)' if world > 1 else 'labeling'
     bar = tqdm(total=_rows_of_process(num_rows, streaming, rows_per_shard, rank, world),
                disable=not (progress and main), desc=desc, unit='img', dynamic_ncols=True, leave=False)
@@ -568,7 +552,7 @@ def label(
         stats['seconds'] = round(time.perf_counter() - t_start, 3)
         stats['labeling_seconds'] = round(label_seconds, 3)
         stats['img_per_s'] = round(done_all / max(label_seconds, 1e-9), 2)
-        _write_json(output / 'stats.json', stats)  # last: the directory is complete
+        write_json_atomic(output / 'stats.json', stats)  # last: the directory is complete
     accelerator.wait_for_everyone()
     stats = json.loads((output / 'stats.json').read_text())
     if stats['rows_labeled'] == 0:
@@ -726,7 +710,6 @@ def _plot(path: Path, conf: np.ndarray, sel: Dict[str, Any], threshold: float, l
     ax2.set_title('per-class counts')
     ax2.legend()
     fig.tight_layout()
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}.png')
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format='png')
     plt.close(fig)
-    os.replace(tmp, path)

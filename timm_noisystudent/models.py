@@ -18,11 +18,11 @@ import torch
 from safetensors import SafetensorError
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
-from .config import UserError
+from .config import UserError, fsync_file, replace_dir
 
 __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
-    'data_config_of', 'count_params', 'predict', 'open_image', 'load_weights', 'read_state_dict',
+    'data_config_of', 'count_params', 'predict', 'open_image', 'load_weights', 'read_state_dict', 'is_model_dir',
 ]
 
 
@@ -187,7 +187,8 @@ def _suggest_models(name: str) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()`."
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
+    """A directory that ``load_model`` reads: a ``config.json`` and its weights beside it."""
     return path.is_dir() and (path / 'config.json').is_file()
 
 
@@ -229,8 +230,8 @@ def load_model(
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
     if spec.startswith('hf-hub:'):
         model = timm.create_model(spec, pretrained=True, **kwargs)
-    elif spec.startswith('local-dir:') or _is_model_dir(path):
-        if not _is_model_dir(path):
+    elif spec.startswith('local-dir:') or is_model_dir(path):
+        if not is_model_dir(path):
             raise UserError(f'{path} is not a model directory (no config.json); pass a timm name, '
                             'hf-hub:org/name or a directory written by `noisystudent export`.')
         _check_weights_file(path, allow_pickle)
@@ -344,23 +345,14 @@ def save_model(
     try:
         save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_file(f)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, as each writer reports it
         _remove_tree(tmp)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f'cannot write the model to {directory} ({reason}); free space or fix permissions, '
                         'then run the same command again.') from e
-    old = directory.parent / f'.{directory.name}.old-{os.getpid()}'
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    _remove_tree(old)
+    replace_dir(tmp, directory)
     return directory
-
-
-def _fsync(path: Path) -> None:
-    with open(path, 'rb') as f:
-        os.fsync(f.fileno())
 
 
 def _remove_tree(path: Path) -> None:

@@ -16,17 +16,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .config import (
-    DataSource, ModelStage, RunConfig, UserError, config_from_dict, config_hash, config_to_dict, save_config,
-    stage_epochs,
+    ModelStage, RunConfig, UserError, atomic_path, config_from_dict, config_hash, config_to_dict, save_config,
+    stage_epochs, write_json_atomic, write_text_atomic,
 )
-from .engine import Preempted, _write_json, process_state, train
+from .engine import Preempted, process_state, train
 from .labeling import label
-from .models import count_params, ns_recipe
+from .models import count_params
 
 __all__ = ['run', 'stage_names', 'format_summary', 'write_demo_data', 'demo_config']
-
-SUMMARY_KEYS = ('stage', 'model', 'teacher', 'top1', 'top5', 'labeled_images', 'pseudo_images', 'seconds')
-
 
 def stage_names(cfg: RunConfig) -> List[str]:
     names = ['iter0-teacher']
@@ -64,7 +61,7 @@ def _is_done(stage_dir: Path) -> bool:
 
 
 def _mark_done(stage_dir: Path, record: Dict[str, Any]) -> None:
-    _write_json(stage_dir / 'DONE', record)
+    write_json_atomic(stage_dir / 'DONE', record)
 
 
 def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_from: Optional[str]) -> None:
@@ -145,7 +142,7 @@ def _preempted(name: str, e: Preempted) -> Preempted:
 def _start_stage(stage_dir: Path, config_hash_: str) -> None:
     if process_state().is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(stage_dir / 'stage.json', {'config_hash': config_hash_})
+        write_json_atomic(stage_dir / 'stage.json', {'config_hash': config_hash_})
     process_state().wait_for_everyone()
 
 
@@ -267,8 +264,8 @@ def run(
 
     summary = _summary(rows, notes)
     if state.is_main_process:
-        _write_json(out / 'summary.json', summary)
-        _write_text(out / 'summary.md', format_summary(summary, markdown=True))
+        write_json_atomic(out / 'summary.json', summary)
+        write_text_atomic(out / 'summary.md', format_summary(summary, markdown=True))
         plot_accuracy(summary, out / 'accuracy.png')
         _export_final(teacher_model, out)  # after the summary: the model card reads its lineage
     state.wait_for_everyone()
@@ -361,19 +358,9 @@ def plot_accuracy(summary: Dict[str, Any], path: Path) -> None:
     ax.set_title('Noisy Student: top-1 per iteration')
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f'.{path.name}.tmp.png')
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _export_final(model_dir: Path, out: Path) -> None:
@@ -442,9 +429,9 @@ def write_demo_data(root: Union[str, os.PathLike], per_class: int = 10, n_test: 
     for i in unlabeled:
         Image.fromarray(images[i]).save(tmp / 'unlabeled' / f'{i:04d}.png')
         hidden[f'{i:04d}.png'] = int(labels[i])
-    _write_json(tmp / 'hidden_labels.json', hidden)
+    write_json_atomic(tmp / 'hidden_labels.json', hidden)
     info = {'labeled': int(len(labeled)), 'test': int(len(test)), 'unlabeled': int(len(unlabeled)), 'size': size}
-    _write_json(tmp / 'DONE', info)
+    write_json_atomic(tmp / 'DONE', info)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return info
@@ -520,7 +507,7 @@ def demo(output: Union[str, os.PathLike] = 'runs/demo', progress: bool = True) -
         print(f"{verdict}: top-1 {' -> '.join(f'{t:.2f}' for t in students)}", flush=True)
     summary['wall_seconds'] = round(time.perf_counter() - t0, 1)
     if state.is_main_process:
-        _write_json(out / 'summary.json', summary)
+        write_json_atomic(out / 'summary.json', summary)
         print(f"demo finished in {summary['wall_seconds']:.0f} s; see {out}/summary.md and {out}/accuracy.png",
               flush=True)
     return summary
