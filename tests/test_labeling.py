@@ -26,7 +26,7 @@ from PIL import Image
 from digits import digits_arrays, write_parquet
 from timm_noisystudent.cli import main
 from timm_noisystudent.config import DataSource, LabelsConfig, UserError
-from timm_noisystudent.labeling import _label_streaming, _Labeler, label, raw_files, select
+from timm_noisystudent.labeling import _label_streaming, _Labeler, label, raw_files, select, selection_notes
 from timm_noisystudent.models import data_config_of, save_model
 
 N_FIT, N_UNLABELED = 100, 160
@@ -126,7 +126,10 @@ def test_output_directory_format(reference, teacher, unlabeled):
     assert data.features == datasets.Features({
         'index': datasets.Value('int64'), 'probs': datasets.List(datasets.Value('float32')),
         'label': datasets.Value('int64'), 'confidence': datasets.Value('float32')})
-    assert len(data) == stats['rows_after'] and min(data['confidence']) >= 0.3
+    assert len(data) == stats['rows_after']
+    # rows below the threshold only where a class was short of N and filled from its most confident
+    below = {lab for lab, c in zip(data['label'], data['confidence']) if c < 0.3}
+    assert below <= set(stats['filled_classes'])
     assert all(len(p) == 10 for p in data['probs'])
     on_disk = json.loads((out / 'stats.json').read_text())
     assert on_disk == stats
@@ -143,7 +146,7 @@ def test_output_directory_format(reference, teacher, unlabeled):
         assert key in stats, key
     assert stats['label_names'][3] == 'digit_3'
     assert sum(stats['counts_after']) == stats['rows_after']
-    assert stats['counts_after'] == [stats['per_class_target'] if n else 0 for n in stats['counts_before']]
+    assert stats['counts_after'] == [stats['per_class_target'] if n else 0 for n in stats['counts_labeled']]
     with Image.open(out / 'confidence.png') as img:
         assert img.size[0] > 400
     assert not list(out.rglob('.*tmp*'))
@@ -206,10 +209,20 @@ def test_a_strict_threshold_warns_and_keeps_what_it_can(reference, teacher_dir, 
         stats = label(teacher_dir, unlabeled, out, LabelsConfig(threshold=0.9, **REFERENCE), num_workers=0,
                       progress=False, rows_per_shard=32)
     assert stats['rows_labeled_now'] == 0 and 0 < stats['rows_before'] < N_UNLABELED // 2
-    assert stats['warnings'] and min(_rows(out)['confidence']) >= 0.9
+    # the classes short of N were filled with their most confident rows below the threshold
+    assert stats['warnings'] and stats['filled_classes'] and stats['rows_below_threshold'] > 0
+    assert stats['rows_after'] >= N_UNLABELED // 2 - 10
+    strict = label(teacher_dir, unlabeled, out, LabelsConfig(threshold=0.9, fill=False, **REFERENCE),
+                   num_workers=0, progress=False, rows_per_shard=32)
+    assert min(_rows(out)['confidence']) >= 0.9 and strict['filled_classes'] == []
+    # a threshold nothing passes still leaves the student half the set, and says so
     with pytest.warns(UserWarning, match='kept 0 of 160'):
-        none = label(teacher_dir, unlabeled, out, LabelsConfig(threshold=1.0, **REFERENCE), num_workers=0,
-                     progress=False, rows_per_shard=32)
+        filled = label(teacher_dir, unlabeled, out, LabelsConfig(threshold=1.0, **REFERENCE), num_workers=0,
+                       progress=False, rows_per_shard=32)
+    assert filled['rows_before'] == 0 and filled['rows_after'] >= N_UNLABELED // 2 - 10
+    with pytest.warns(UserWarning, match='kept 0 of 160'):
+        none = label(teacher_dir, unlabeled, out, LabelsConfig(threshold=1.0, fill=False, **REFERENCE),
+                     num_workers=0, progress=False, rows_per_shard=32)
     assert none['rows_after'] == 0
     # still the same columns, though datasets refuses to load a split of zero rows
     empty = [pq.read_table(f) for f in (out / 'data').glob('*.parquet')]
@@ -386,47 +399,79 @@ def _label_sets(draw):
     threshold = draw(st.one_of(st.sampled_from([0.0, 0.3, 1.0]), st.floats(0, 1)))
     per_class = draw(st.one_of(st.sampled_from(['auto', 'none']), st.integers(1, 25)))
     seed = draw(st.integers(0, 2 ** 32 - 1))
-    return (np.asarray(labels, np.int64), np.asarray(conf, np.float32), num_classes, threshold, per_class, seed)
+    fill = draw(st.booleans())
+    return (np.asarray(labels, np.int64), np.asarray(conf, np.float32), num_classes, threshold, per_class, seed,
+            fill)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(_label_sets())
 def test_selection_properties(case):
-    labels, conf, num_classes, threshold, per_class, seed = case
-    picked, stats = select({'label': labels, 'confidence': conf}, num_classes, threshold, per_class, seed)
+    labels, conf, num_classes, threshold, per_class, seed, fill = case
+    picked, stats = select({'label': labels, 'confidence': conf}, num_classes, threshold, per_class, seed, fill=fill)
     # a duplicated row is a copy of a real row, and positions come back in order
     assert picked.dtype == np.int64 and (np.diff(picked) >= 0).all()
     assert ((picked >= 0) & (picked < labels.size)).all()
-    # nothing below the threshold survives
-    assert (conf[picked] >= threshold).all()
-    before = np.bincount(labels[conf >= threshold], minlength=num_classes)
+    above = conf >= threshold
+    before = np.bincount(labels[above], minlength=num_classes)
+    present = np.bincount(labels, minlength=num_classes)
     after = np.bincount(labels[picked], minlength=num_classes)
     assert stats['counts_before'] == before.tolist() and stats['counts_after'] == after.tolist()
     assert stats['rows_after'] == picked.size and stats['duplicated'] == picked.size - np.unique(picked).size
+    assert stats['rows_below_threshold'] == int((~above[np.unique(picked)]).sum())
+    assert stats['empty_classes'] == np.flatnonzero(after == 0).tolist()
     target = stats['per_class_target']
     if per_class == 'none':
         assert target is None
-        np.testing.assert_array_equal(picked, np.flatnonzero(conf >= threshold))
+        np.testing.assert_array_equal(picked, np.flatnonzero(above))
         return
-    if per_class == 'auto' and before.any():
-        assert target == int(np.floor(np.median(before[before > 0]) + 0.5))
-    # classes are balanced to N exactly; empty classes stay empty
-    np.testing.assert_array_equal(after, np.where(before > 0, target, 0))
-    for c in np.flatnonzero(before):
-        rows = np.flatnonzero((labels == c) & (conf >= threshold))
+    if per_class == 'auto':
+        median = int(np.floor(np.median(before[before > 0]) + 0.5)) if before.any() else 0
+        # never below half an even share of the labeled rows: a weak teacher cannot starve the student
+        assert target == max(median, int(np.ceil(labels.size / (2 * num_classes))))
+    # classes are balanced to N exactly; a class with no row at all stays empty, and so does a class
+    # with no row above the threshold unless filling is on
+    np.testing.assert_array_equal(after, np.where((present if fill else before) > 0, target, 0))
+    below_used = set(np.unique(picked[~above[picked]]).tolist())
+    if not fill:
+        assert not below_used and stats['filled_classes'] == []
+    for c in np.flatnonzero(after):
+        rows = np.flatnonzero(labels == c)
         copies = np.array([(picked == r).sum() for r in rows])
-        n = rows.size
+        used = rows[copies > 0]
+        # the class's rows above the threshold come first, then its most confident below it
+        if any(r in below_used for r in used):
+            assert c in stats['filled_classes'] and before[c] < target
+            assert (copies[above[rows]] > 0).all()
+        assert c not in stats['filled_classes'] or any(r in below_used for r in used)
+        if (copies == 0).any():
+            assert np.nan_to_num(conf[used], nan=-1).min() >= np.nan_to_num(conf[rows[copies == 0]], nan=-1).max()
+        n = used.size
         if n >= target:  # the N most confident, once each
             assert copies.max() == 1
-            if n > target:
-                assert conf[rows[copies == 1]].min() >= conf[rows[copies == 0]].max()
         else:  # floor(N/n) copies each, plus one more for N mod n of them
-            assert set(copies.tolist()) <= {target // n, target // n + 1}
+            assert set(copies[copies > 0].tolist()) <= {target // n, target // n + 1}
             assert (copies == target // n + 1).sum() == target % n
     # the same seed gives the same result
-    again, again_stats = select({'label': labels, 'confidence': conf}, num_classes, threshold, per_class, seed)
+    again, again_stats = select({'label': labels, 'confidence': conf}, num_classes, threshold, per_class, seed,
+                                fill=fill)
     np.testing.assert_array_equal(picked, again)
     assert again_stats == stats
+
+
+def test_a_class_short_of_its_share_keeps_its_most_confident_rows():
+    # the 10-epoch-teacher case: the threshold keeps almost nothing, classes are filled from below it
+    labels = np.array([0] * 6 + [1] * 6)
+    conf = np.array([0.9, 0.2, 0.25, 0.1, 0.15, 0.05] + [0.28, 0.27, 0.26, 0.01, 0.02, 0.03], np.float32)
+    picked, stats = select((labels, conf), 2, threshold=0.3, per_class='auto')
+    # auto: the median above the threshold (1) is raised to half an even share (12 / 4 = 3)
+    assert stats['per_class_target'] == 3 and stats['rows_before'] == 1
+    assert picked.tolist() == [0, 1, 2, 6, 7, 8]
+    assert stats['filled_classes'] == [0, 1] and stats['rows_below_threshold'] == 5
+    assert selection_notes(stats, ['cat', 'dog'])[0].startswith('the threshold 0.3 kept 1 of 12 images (8.3%); 2 classes')
+    strict, strict_stats = select((labels, conf), 2, threshold=0.3, per_class='auto', fill=False)
+    assert strict.tolist() == [0, 0, 0] and strict_stats['empty_classes'] == [1]
+    assert any('no pseudo-labeled image was kept for dog' in n for n in selection_notes(strict_stats, ['cat', 'dog']))
 
 
 def test_each_row_gets_the_extra_copy_with_probability_n_mod_n_over_n():

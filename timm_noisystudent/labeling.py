@@ -51,7 +51,7 @@ from .engine import (  # Accelerator, signal and thread helpers only
 )
 from .models import data_config_of, fold_batchnorm, label_names_of, load_model
 
-__all__ = ['label', 'select', 'per_class_target', 'read_raw', 'AGREEMENT_SAMPLE']
+__all__ = ['label', 'select', 'selection_notes', 'per_class_target', 'read_raw', 'AGREEMENT_SAMPLE']
 
 AGREEMENT_SAMPLE = 256  # images labeled twice (mixed precision and fp32) to report their agreement
 FAILED_LISTED_MAX = 10_000  # stats.json names at most this many undecodable rows
@@ -61,17 +61,22 @@ _META_KEY = b'noisystudent'
 
 # --- selection -----------------------------------------------------------------------------------
 
-def per_class_target(counts: Sequence[int], per_class: Union[str, int, None]) -> Optional[int]:
+def per_class_target(counts: Sequence[int], per_class: Union[str, int, None], rows_labeled: int = 0,
+                     num_classes: Optional[int] = None) -> Optional[int]:
     """N, the rows per class after balancing; None when balancing is off.
 
     'auto' is the median count over the classes that kept any row (empty classes stay empty
-    and would drag the median to zero), rounded half up.
+    and would drag the median to zero), rounded half up, and at least half an even share of the
+    ``rows_labeled`` rows: a teacher that is confident about little still hands its student a set
+    of about half the unlabeled data, not a near-empty one.
     """
     if per_class is None or per_class == 'none':
         return None
     if per_class == 'auto':
         nonzero = np.asarray(counts)[np.asarray(counts) > 0]
-        return int(math.floor(float(np.median(nonzero)) + 0.5)) if nonzero.size else 0
+        median = int(math.floor(float(np.median(nonzero)) + 0.5)) if nonzero.size else 0
+        classes = num_classes or len(counts) or 1
+        return max(median, math.ceil(rows_labeled / (2 * classes)))
     if isinstance(per_class, str) and per_class.isdigit():
         per_class = int(per_class)
     if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
@@ -96,46 +101,67 @@ def select(
         threshold: float = 0.3,
         per_class: Union[str, int, None] = 'auto',
         seed: int = 0,
+        fill: bool = True,
 ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Positions of the selected rows (ascending, a duplicated row repeated), and the counts.
 
     ``rows`` has ``label`` and ``confidence`` (a pyarrow Table, a mapping of arrays, or a
     ``(label, confidence)`` pair). A row survives when its confidence is >= ``threshold``. Then each
-    class is balanced to N rows: a class with n > N keeps its N most confident rows (ties by
-    position); a class with n < N gives every row floor(N/n) copies and N mod n rows, drawn without
-    replacement, one more, so each row gets the extra copy with probability (N mod n)/n and the
-    class has exactly N rows. The draw depends only on the seed, the class and the rows.
+    class is balanced to N rows (see ``per_class_target``): a class with n > N keeps its N most
+    confident rows (ties by position). A class with fewer than N rows above the threshold first
+    takes, when ``fill`` is set, its most confident rows below it, up to N (the official code lowers
+    a short class's threshold the same way). A class still at n < N gives every row floor(N/n)
+    copies and N mod n rows, drawn without replacement, one more, so each row gets the extra copy
+    with probability (N mod n)/n and the class has exactly N rows. The draw depends only on the
+    seed, the class and the rows. A class that is the argmax of no row stays empty.
     """
     labels, conf = _label_confidence(rows)
     if labels.shape != conf.shape:
         raise ValueError(f'label and confidence differ in length: {labels.shape[0]} vs {conf.shape[0]}')
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f'labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}')
-    kept = np.flatnonzero(conf >= threshold)  # NaN never passes
+    above = conf >= threshold  # NaN never passes
+    kept = np.flatnonzero(above)
+    counts_labeled = np.bincount(labels, minlength=num_classes)
     counts_before = np.bincount(labels[kept], minlength=num_classes)
-    target = per_class_target(counts_before, per_class)
+    target = per_class_target(counts_before, per_class, labels.size, num_classes)
+    filled: List[int] = []
     if target is None:
         selected = kept
     else:
-        # by class, then most confident first, then position
-        order = kept[np.lexsort((kept, -conf[kept], labels[kept]))]
-        bounds = np.concatenate([[0], np.cumsum(counts_before)])
+        # every row, by class, then most confident first (NaN last), then position
+        pool = np.arange(labels.size)
+        order = pool[np.lexsort((pool, -np.nan_to_num(conf, nan=-np.inf), labels))]
+        bounds = np.concatenate([[0], np.cumsum(counts_labeled)])
         parts = []
-        for c in np.flatnonzero(counts_before):
+        for c in np.flatnonzero(counts_labeled):
             block = order[bounds[c]:bounds[c + 1]]
-            parts.append(_balanced(block, target, seed, int(c)))
+            n_above = int(counts_before[c])
+            if fill and n_above < target:
+                block = block[:target]  # the above-threshold rows come first
+                if block.size > n_above:
+                    filled.append(int(c))
+            else:
+                block = block[:n_above]
+            if block.size:
+                parts.append(_balanced(block, target, seed, int(c)))
         selected = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     selected = selected.astype(np.int64)
     counts_after = np.bincount(labels[selected], minlength=num_classes)
+    unique = np.unique(selected)
     stats = {
         'threshold': float(threshold),
         'per_class': per_class if per_class is not None else 'none',
         'per_class_target': target,
+        'fill': bool(fill),
         'rows_labeled': int(labels.size),
         'rows_before': int(kept.size),
         'rows_after': int(selected.size),
-        'duplicated': int(selected.size - np.unique(selected).size),
-        'counts_labeled': np.bincount(labels, minlength=num_classes).tolist(),
+        'duplicated': int(selected.size - unique.size),
+        'rows_below_threshold': int((~above[unique]).sum()),
+        'filled_classes': filled,
+        'empty_classes': np.flatnonzero(counts_after == 0).tolist(),
+        'counts_labeled': counts_labeled.tolist(),
         'counts_before': counts_before.tolist(),
         'counts_after': counts_after.tolist(),
         'seed': int(seed),
@@ -156,6 +182,39 @@ def _balanced(block: np.ndarray, target: int, seed: int, cls: int) -> np.ndarray
         lucky = by_position[rng.choice(n, size=extra, replace=False)]
         copies[np.isin(block, lucky)] += 1
     return np.repeat(block, copies)
+
+
+def selection_notes(sel: Dict[str, Any], label_names: Sequence[str] = ()) -> List[str]:
+    """One line per thing selection did that the user should know: fill, duplicates, empty classes."""
+    def names(classes):
+        shown = [str(label_names[c]) if c < len(label_names) else str(c) for c in classes[:10]]
+        return ', '.join(shown) + (f' and {len(classes) - 10} more' if len(classes) > 10 else '')
+
+    notes = []
+    labeled, kept, after = sel['rows_labeled'], sel['rows_before'], sel['rows_after']
+    if not labeled:
+        return notes
+    share = f'{100.0 * kept / labeled:.1f}%'
+    target = sel['per_class_target']
+    if target is None:
+        if kept * 2 < labeled:
+            notes.append(f'the confidence threshold {sel["threshold"]:g} kept {kept} of {labeled} images ({share}) '
+                         'and balancing is off (per_class: none); lower the threshold or use a stronger teacher.')
+        return notes
+    if sel['filled_classes']:
+        notes.append(f'the threshold {sel["threshold"]:g} kept {kept} of {labeled} images ({share}); '
+                     f'{len(sel["filled_classes"])} classes short of N={target} were filled with their most '
+                     f'confident rows below it ({sel["rows_below_threshold"]} rows): {names(sel["filled_classes"])}.')
+    elif kept * 2 < labeled:
+        notes.append(f'the threshold {sel["threshold"]:g} kept {kept} of {labeled} images ({share}); '
+                     f'{after} after balancing to N={target}.')
+    if sel['duplicated']:
+        notes.append(f'{sel["duplicated"]} selected rows are duplicates of classes with fewer than N={target} '
+                     'images in all.')
+    if sel['empty_classes']:
+        notes.append(f'no pseudo-labeled image was kept for {names(sel["empty_classes"])}; '
+                     'the student sees those classes only in the labeled data.')
+    return notes
 
 
 # --- the teacher ---------------------------------------------------------------------------------
@@ -589,10 +648,12 @@ def _finish(output: Path, cfg: LabelsConfig, seed, num_classes, topk, label_name
     # select in index order, so the result does not depend on how the work was split
     order = np.argsort(index, kind='stable')
     picked, sel = select({'label': labels[order], 'confidence': conf[order]}, num_classes,
-                         cfg.threshold, cfg.per_class, seed)
+                         cfg.threshold, cfg.per_class, seed, fill=cfg.fill)
     picked = np.sort(order[picked], kind='stable')
     _write_selected(output, files, sizes, picked, cfg.soft, topk, num_classes)
-    warnings_list = _too_few_warning(sel, cfg)
+    warnings_list = selection_notes(sel, label_names)
+    for line in warnings_list:
+        warnings.warn(line, stacklevel=3)
     failed = sorted(failed)
     stats = {
         'source': record,
@@ -623,19 +684,6 @@ def _finish(output: Path, cfg: LabelsConfig, seed, num_classes, topk, label_name
         stats['failed_images_truncated'] = True
     _plot(output / 'confidence.png', conf, sel, cfg.threshold, label_names)
     return stats
-
-
-def _too_few_warning(sel: Dict[str, Any], cfg: LabelsConfig) -> List[str]:
-    kept, labeled = sel['rows_before'], sel['rows_labeled']
-    if not labeled:  # nothing decoded: `label` fails with its own error
-        return []
-    if kept * 2 >= labeled and kept >= cfg.batch_size:
-        return []
-    share = f'{100.0 * kept / labeled:.1f}%'
-    msg = (f'the confidence threshold {cfg.threshold:g} kept {kept} of {labeled} labeled images ({share}), '
-           f'{sel["rows_after"]} after balancing; lower the threshold or use a stronger teacher.')
-    warnings.warn(msg, stacklevel=3)
-    return [msg]
 
 
 def _hardened(table: pa.Table, topk: Optional[int], num_classes: int) -> pa.Table:
