@@ -91,6 +91,17 @@ def test_defaults():
     assert cfg.finetune.epochs == 0
     assert (cfg.output, cfg.seed, cfg.hub) == ('runs/noisystudent', 0, HubConfig())
     assert stage_epochs(cfg) == [C.DEFAULT_EPOCHS, C.DEFAULT_EPOCHS]
+    # the defaults that keep students above their teachers (measured: see the README's results)
+    assert (cfg.iterate_from, cfg.validation, cfg.labels.fill) == ('best', None, True)
+    assert (cfg.train.min_steps, cfg.train.student_init) == (1000, 'teacher')
+
+
+def test_epochs_note_says_what_epochs_mean_for_each_stage():
+    cfg = config_from_dict(_with(teacher={'epochs': 12}, students=[{}, {'epochs': 5}]))
+    note = C.epochs_note(cfg)
+    assert all(line.startswith('# ') for line in note.splitlines())
+    assert 'longer of its two streams' in note and 'min_steps (1000)' in note
+    assert note.splitlines()[-1] == '# resolved epochs: iter0-teacher 12, iter1-student 12, iter2-student 5'
 
 
 def test_default_students_are_not_shared_between_configs():
@@ -258,6 +269,10 @@ def test_missing_required_keys(d, key):
     ({'seed': -1}, 'seed'),
     ({'teacher': {'randaugment': 'tf-m15-n2'}}, 'teacher.randaugment'),
     ({'teacher': {'unlabeled_ratio': 3}}, 'teacher.unlabeled_ratio'),
+    ({'iterate_from': 'first'}, 'iterate_from'),
+    ({'train': {'student_init': 'random'}}, 'train.student_init'),
+    ({'train': {'min_steps': -1}}, 'train.min_steps'),
+    ({'labels': {'fill': 'yes'}}, 'labels.fill'),
 ])
 def test_bad_values(sections, key):
     message = _error(_with(**sections))

@@ -1,5 +1,6 @@
 """The training engine on real tiny data: digits at 32 px with timm's test_efficientnet."""
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def digits(tmp_path_factory):
 
 
 def _cfg(**kw):
-    return TrainConfig(**{'batch_size': 32, 'num_workers': 0, 'mixed_precision': 'no', **kw})
+    # min_steps 0: these stages are as short as their epochs say
+    return TrainConfig(**{'batch_size': 32, 'num_workers': 0, 'mixed_precision': 'no', 'min_steps': 0, **kw})
 
 
 @pytest.fixture(scope='module')
@@ -113,12 +115,35 @@ def test_student_trains_on_mixed_batches(digits, teacher, tmp_path):
                     tmp_path / 'student', pseudo=pseudo, unlabeled=digits['unlabeled'],
                     train_cfg=_cfg(batch_size=8, unlabeled_ratio=3),
                     noise=NoiseConfig(randaugment='tf-m9-n2', dropout=0.3, drop_path=0.1), progress=False)
-    # one epoch = one pass over 200 pseudo rows in batches of 24, each step with 8 labeled images too
-    assert metrics['step'] == 200 // 24
+    # 200 pseudo rows in batches of 24 would be 8 steps; the epoch passes over the longer stream,
+    # the 300 labeled images in batches of 8, so it has 38 steps, each with 8 labeled images too
+    assert metrics['step'] == math.ceil(300 / 8) == 38
     assert metrics['images_seen'] == metrics['step'] * (8 + 24)
     assert metrics['pseudo_images'] == 200
     assert metrics['noise'] == {'randaugment': 'tf-m9-n2', 'dropout': 0.3, 'drop_path': 0.1, 'unlabeled_ratio': 3}
     assert (tmp_path / 'student' / 'model' / 'model.safetensors').is_file()
+
+
+def test_the_student_budget_does_not_follow_the_kept_rows(digits, teacher, tmp_path):
+    steps = {}
+    for kept in (5, 200):
+        metrics = train(ModelStage(model=MODEL, epochs=2, image_size=32), digits['labeled'], tmp_path / f's{kept}',
+                        pseudo=_pseudo_dir(tmp_path / f'labels{kept}', kept), unlabeled=digits['unlabeled'],
+                        train_cfg=_cfg(batch_size=32, unlabeled_ratio=2), progress=False)
+        assert metrics['pseudo_images'] == kept
+        steps[kept] = metrics['step']
+    # two epochs of the 300 labeled images at 32 a step, however few rows selection kept
+    assert steps == {5: 2 * math.ceil(300 / 32), 200: 2 * math.ceil(300 / 32)}
+    # and at least its teacher's: that one trained 6 epochs of the same labeled set
+    assert steps[5] / 2 >= teacher[1]['step'] / 6
+
+
+def test_min_steps_repeats_short_epochs(digits, tmp_path):
+    with pytest.warns(UserWarning, match='32 px inputs end in a 1x1 feature map'):
+        metrics = train(ModelStage(model=MODEL, epochs=1, image_size=32), digits['labeled'], tmp_path / 'out',
+                        train_cfg=_cfg(batch_size=100, min_steps=7), progress=False)
+    # 300 labeled images are 3 steps an epoch: 1 epoch becomes 3, for 9 steps (at least 7)
+    assert metrics['epochs'] == 3 and metrics['step'] == 9
 
 
 def test_student_noise_defaults_come_from_the_recipe():
@@ -129,6 +154,13 @@ def test_student_noise_defaults_come_from_the_recipe():
     assert (b0.randaugment, b0.dropout, b0.unlabeled_ratio) == (None, 0.2, 1)
     teacher = resolve_stage(ModelStage(model='tf_efficientnet_b3'), TrainConfig(), NoiseConfig(), student=False)
     assert teacher.randaugment is None
+    # small images: the measured default noise where the recipe has none; the recipe's own where it has one
+    small = resolve_stage(ModelStage(model='tf_efficientnet_b0', image_size=32), TrainConfig(), NoiseConfig(), True)
+    assert small.randaugment == 'tf-m6-n2'
+    small_b3 = resolve_stage(ModelStage(model='tf_efficientnet_b3', image_size=32), TrainConfig(), NoiseConfig(), True)
+    assert small_b3.randaugment == 'tf-m12-n2'
+    off = resolve_stage(ModelStage(model='resnet18', image_size=32), TrainConfig(), NoiseConfig('none'), True)
+    assert off.randaugment is None
     paper = resolve_stage(ModelStage(model='resnet18'), TrainConfig(preset='paper', lr=0.1), NoiseConfig(), True)
     assert paper.opt['opt'] == 'rmsproptf' and paper.lr == 0.1 and paper.opt['decay_rate'] == 0.97
 
@@ -136,7 +168,7 @@ def test_student_noise_defaults_come_from_the_recipe():
 def _train_cmd(digits, out, *extra):
     return CLI + ['train', '--data', digits['labeled'], '--model', MODEL, '--image-size', '32', '--epochs', '2',
                   '--batch-size', '16', '--num-workers', '0', '--mixed-precision', 'no', '--output', str(out),
-                  '--checkpoint-every', '3', *extra]
+                  '--checkpoint-every', '3', '--min-steps', '0', *extra]
 
 
 def test_kill_and_resume_gives_the_same_weights(digits, tmp_path):

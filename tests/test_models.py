@@ -205,3 +205,16 @@ def test_models_command_lists_ten(capsys):
 
 def test_package_reexports():
     assert timm_noisystudent.load_model is load_model
+
+
+def test_small_inputs_for_the_architecture_stride_are_warned_about():
+    import timm
+
+    from timm_noisystudent.models import final_feature_size, small_input_warning
+    b0 = timm.create_model('tf_efficientnet_b0')
+    assert final_feature_size(b0, 32) == 1 and final_feature_size(b0, 224) == 7
+    message = small_input_warning(b0, 'tf_efficientnet_b0', 32)
+    assert message.startswith('tf_efficientnet_b0 downsamples 32x, so 32 px inputs end in a 1x1 feature map')
+    assert 'image_size (at least 64)' in message
+    assert small_input_warning(b0, 'tf_efficientnet_b0', 64) is None
+    assert small_input_warning(torch.nn.Linear(2, 2), 'linear', 8) is None  # no feature_info: nothing to say

@@ -85,7 +85,7 @@ def _config(root: Path, out: Path) -> dict:
         'labels': {'threshold': 0.0, 'batch_size': 4, 'mixed_precision': 'no'},
         'noise': {'randaugment': 'tf-m5-n2', 'dropout': 0.2, 'drop_path': 0.1},
         'train': {'batch_size': 8, 'unlabeled_ratio': 2, 'num_workers': 0, 'mixed_precision': 'no',
-                  'checkpoint_every': 2},
+                  'checkpoint_every': 2, 'min_steps': 0},
         'output': str(out),
     }
 
@@ -259,7 +259,7 @@ def test_sigint_and_sigterm_stop_run_cleanly_and_the_rerun_resumes(data_root, re
 def _train_args(data: Path, out: Path, *extra) -> list:
     return ['train', '--data', str(data), '--model', MODEL, '--image-size', '32', '--epochs', '4',
             '--batch-size', '8', '--num-workers', '0', '--mixed-precision', 'no', '--checkpoint-every', '2',
-            '--output', str(out), *extra]
+            '--min-steps', '0', '--output', str(out), *extra]
 
 
 def test_sigterm_during_train_saves_a_checkpoint_and_exits_143(data_root, tmp_path, capsys):
@@ -299,7 +299,8 @@ def fn(data, out):
         threading.Thread(target=fire, daemon=True).start()
     try:
         train(ModelStage(model='test_efficientnet', epochs=50, image_size=32), data, out, progress=False,
-              train_cfg=TrainConfig(batch_size=4, num_workers=0, mixed_precision='no', checkpoint_every=2))
+              train_cfg=TrainConfig(batch_size=4, num_workers=0, mixed_precision='no', checkpoint_every=2,
+                                    min_steps=0))
         result = 'finished'
     except Preempted as e:
         result = str(e)

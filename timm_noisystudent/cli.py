@@ -6,7 +6,9 @@ and exit code 2; ``--debug`` shows the traceback instead.
 import argparse
 import errno
 import json
+import os
 import sys
+import warnings
 from typing import List, Optional
 
 from .config import UserError
@@ -80,7 +82,7 @@ def _train_settings(args):
     train = dict(loaded.get('train') or {})
     noise = dict(loaded.get('noise') or {})
     for key in ('epochs', 'batch_size', 'lr', 'mixed_precision', 'preset', 'ema_decay', 'num_workers',
-                'checkpoint_every', 'max_steps', 'grad_accum_steps', 'log_with', 'unlabeled_ratio'):
+                'checkpoint_every', 'min_steps', 'max_steps', 'grad_accum_steps', 'log_with', 'unlabeled_ratio'):
         if getattr(args, key, None) is not None:
             train[key] = getattr(args, key)
     if args.compile:
@@ -105,7 +107,8 @@ def _cmd_train(args) -> None:
         metrics = train(
             stage, _source(args.data, args.split, args.image_column, args.label_column), args.output,
             eval_data=eval_data, pseudo=args.pseudo, unlabeled=unlabeled, train_cfg=train_cfg, noise=noise,
-            seed=args.seed, resume=args.resume, freeze_blocks=args.freeze_blocks, allow_pickle=args.allow_pickle)
+            seed=args.seed, resume=args.resume, freeze_blocks=args.freeze_blocks, allow_pickle=args.allow_pickle,
+            init_from=args.init_from)
     except Preempted as e:
         again = 'again' if args.resume else 'again with --resume'
         raise Preempted(f'{e} Run the same command {again} to continue.', e.signal) from None
@@ -204,14 +207,14 @@ def _add_push_args(p) -> None:
 
 
 def _cmd_run(args) -> None:
-    from .config import config_from_dict, config_to_yaml, read_config_dict, apply_overrides
+    from .config import apply_overrides, config_from_dict, config_to_yaml, epochs_note, read_config_dict
     from .pipeline import run
 
     cfg = config_from_dict(apply_overrides(read_config_dict(args.config), args.overrides))
     if args.output:
         cfg.output = args.output
     if args.print_config:
-        _print_main(config_to_yaml(cfg).rstrip())
+        _print_main(config_to_yaml(cfg).rstrip() + '\n' + epochs_note(cfg))
         return
     run(cfg, restart_from=args.restart_from, progress=not args.no_progress)
 
@@ -278,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--unlabeled-data', help='the unlabeled dataset the pseudo labels point at (default: from stats.json)')
     p.add_argument('--unlabeled-split', default='train')
     p.add_argument('--pretrained', action='store_true', help='start from the timm pretrained weights (new head)')
+    p.add_argument('--init-from', metavar='MODEL_DIR',
+                   help="start from this model directory's weights (same architecture), e.g. the teacher's")
     p.add_argument('--image-size', type=int, help='square input size (default: the model\'s own)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--batch-size', type=int)
@@ -293,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     p.add_argument('--num-workers', type=int)
     p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
+    p.add_argument('--min-steps', type=int, help='train at least N steps, repeating short epochs (default 1000; 0: off)')
     p.add_argument('--max-steps', type=int, help='stop after N steps (smoke tests)')
     p.add_argument('--log-with', help='Accelerate tracker: tensorboard, wandb, ...')
     p.add_argument('--freeze-blocks', type=int, default=0, help='freeze the stem and the first N blocks')
@@ -405,9 +411,18 @@ def _os_error(e: OSError) -> str:
     return f'{what}; {hint}.'
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    # the project's own warnings are advice to the user: one line, without the source location
+    if issubclass(category, UserWarning) and f'{os.sep}timm_noisystudent{os.sep}' in str(filename):
+        print(f'warning: {message}', file=file or sys.stderr, flush=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         args.fn(args)
     except UserError as e:

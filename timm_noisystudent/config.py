@@ -30,8 +30,9 @@ __all__ = [
     'UserError', 'DataSource', 'ModelStage', 'LabelsConfig', 'NoiseConfig', 'TrainConfig',
     'FinetuneConfig', 'HubConfig', 'RunConfig', 'from_dict', 'config_from_dict', 'load_config',
     'read_config_dict', 'apply_overrides', 'config_to_dict', 'config_to_yaml', 'save_config',
-    'config_hash', 'stage_epochs', 'MIXED_PRECISION_CHOICES', 'PRESETS', 'DEFAULT_EPOCHS',
-    'DEFAULT_UNLABELED_RATIO', 'DEFAULT_TOPK', 'FULL_PROBS_MAX_CLASSES',
+    'config_hash', 'stage_epochs', 'epochs_note', 'MIXED_PRECISION_CHOICES', 'PRESETS', 'DEFAULT_EPOCHS',
+    'DEFAULT_UNLABELED_RATIO', 'DEFAULT_TOPK', 'FULL_PROBS_MAX_CLASSES', 'ITERATE_FROM_CHOICES',
+    'STUDENT_INIT_CHOICES',
 ]
 
 
@@ -42,6 +43,8 @@ class UserError(Exception):
 MIXED_PRECISION_CHOICES = ('auto', 'bf16', 'fp16', 'no')
 PRESETS = ('small-data', 'paper')
 PER_CLASS_WORDS = ('auto', 'none')
+ITERATE_FROM_CHOICES = ('best', 'last')  # which model labels the next iteration
+STUDENT_INIT_CHOICES = ('teacher', 'scratch')  # where a student of its teacher's architecture starts
 DEFAULT_EPOCHS = 30
 DEFAULT_UNLABELED_RATIO = 3  # when the variant has no NS recipe
 DEFAULT_TOPK = 10  # pseudo-labels keep the top-k probabilities ...
@@ -64,7 +67,11 @@ class ModelStage:
     """The teacher or one student; None fields fall back as the comments say."""
     model: str = 'tf_efficientnet_b0'  # timm name, hf-hub:org/name, or local dir
     pretrained: bool = False
-    epochs: Optional[int] = None  # teacher: train.epochs; student: the previous stage's epochs
+    # teacher: passes over the labeled data (default train.epochs). Student: passes over the
+    # longer of its two streams, the labeled images at B a step or the pseudo-labeled ones at
+    # ratio*B a step, so a student never trains fewer steps per epoch than its teacher, however
+    # few rows selection kept (default: the previous stage's epochs).
+    epochs: Optional[int] = None
     image_size: Optional[int] = None  # the model's own pretrained input size
     lr: Optional[float] = None
     batch_size: Optional[int] = None
@@ -79,7 +86,12 @@ class LabelsConfig:
     soft: bool = True
     temperature: float = 1.0
     threshold: float = 0.3  # in [0, 1]
-    per_class: Union[str, int] = 'auto'  # 'auto' | 'none' | positive int
+    # 'auto' | 'none' | positive int. auto: the median per-class count above the threshold, and at
+    # least half an even share of the labeled rows, so a weak teacher never leaves a near-empty set
+    per_class: Union[str, int] = 'auto'
+    # a class with fewer than N rows above the threshold is filled with its most confident rows
+    # below it (before any row is duplicated); false: only rows above the threshold are used
+    fill: bool = True
     topk: Optional[int] = None  # None -> full probs up to FULL_PROBS_MAX_CLASSES, else DEFAULT_TOPK
     batch_size: int = 128
     mixed_precision: str = 'auto'  # 'auto' | 'bf16' | 'fp16' | 'no'
@@ -108,6 +120,10 @@ class TrainConfig:
     warmup_epochs: Optional[float] = None
     min_lr: Optional[float] = None
     label_smoothing: float = 0.1
+    # 'teacher': a student of its teacher's architecture starts from the teacher's weights, so the
+    # loop's steps add up instead of starting over (measured on the dev tasks, see the README);
+    # 'scratch': every student starts from random weights, as the paper's ImageNet runs do
+    student_init: str = 'teacher'
     ema_decay: Optional[float] = None  # None -> chosen from run length
     ema_warmup: bool = True
     mixed_precision: str = 'auto'  # 'auto' | 'bf16' | 'fp16' | 'no'
@@ -118,6 +134,9 @@ class TrainConfig:
     checkpoint_every: Optional[int] = None  # steps; None -> each epoch end only
     keep_checkpoints: int = 2
     log_with: Optional[str] = None  # accelerate tracker: tensorboard, wandb, ...
+    # every teacher and student stage trains at least this many steps: a small labeled set's epochs
+    # are repeated (measured on the dev tasks: 30 epochs of 100 labeled digits are 30 steps); 0 = off
+    min_steps: int = 1000
     max_steps: Optional[int] = None  # cap for tests and smoke runs
 
 
@@ -140,6 +159,10 @@ class RunConfig:
     labeled: DataSource
     unlabeled: DataSource
     eval: Optional[DataSource] = None
+    # held-out labeled data that chooses the next teacher (iterate_from: best); without it the
+    # eval split does, and its numbers then also picked the model
+    validation: Optional[DataSource] = None
+    iterate_from: str = 'best'  # 'best': the best model so far labels the next iteration; 'last'
     teacher: ModelStage = field(default_factory=ModelStage)
     students: List[ModelStage] = field(default_factory=lambda: [ModelStage()])  # [] = teacher only
     labels: LabelsConfig = field(default_factory=LabelsConfig)
@@ -157,6 +180,18 @@ def stage_epochs(cfg: RunConfig) -> List[int]:
     for student in cfg.students:
         epochs.append(student.epochs if student.epochs is not None else epochs[-1])
     return epochs
+
+
+def epochs_note(cfg: RunConfig) -> str:
+    """What ``epochs`` means for each stage of ``cfg``, as YAML comments (--print-config shows them)."""
+    names = ['iter0-teacher'] + [f'iter{k}-student' for k in range(1, len(cfg.students) + 1)]
+    resolved = ', '.join(f'{n} {e}' for n, e in zip(names, stage_epochs(cfg)))
+    return ('# epochs: a teacher epoch is one pass over the labeled images, train.batch_size a step. A student\n'
+            '# epoch is one pass over the longer of its two streams: the labeled images at batch_size a step, or\n'
+            '# the pseudo-labeled images at unlabeled_ratio x batch_size a step. So a student trains at least as\n'
+            '# many steps as a teacher with the same epochs, however few rows selection keeps. Every teacher\n'
+            f'# and student stage trains at least train.min_steps ({cfg.train.min_steps}) steps: short epochs repeat.\n'
+            f'# resolved epochs: {resolved}')
 
 
 # --- value rules: checked after the type, skipped for None --------------------------------------
@@ -231,6 +266,7 @@ _RULES: Dict[str, Rule] = {
     'checkpoint_every': _at_least(1),
     'keep_checkpoints': _at_least(1),
     'max_steps': _at_least(1),
+    'min_steps': _at_least(0),
     'num_workers': _at_least(0),
     'freeze_blocks': _at_least(0),
     'lr': _above(0),
@@ -247,6 +283,8 @@ _RULES: Dict[str, Rule] = {
     'per_class': _per_class,
     'mixed_precision': _one_of(MIXED_PRECISION_CHOICES),
     'preset': _one_of(PRESETS),
+    'iterate_from': _one_of(ITERATE_FROM_CHOICES),
+    'student_init': _one_of(STUDENT_INIT_CHOICES),
     'seed': _within(0, 2 ** 32 - 1),  # numpy's seed range
 }
 # Where a section means something else by the same name.
@@ -628,7 +666,7 @@ def _set_dotted(root: Dict, parts: List[str], value: Any) -> None:
 
 
 _APPEND = object()
-_DATA_SOURCE_KEYS = ('labeled', 'unlabeled', 'eval')
+_DATA_SOURCE_KEYS = ('labeled', 'unlabeled', 'eval', 'validation')
 
 
 def _slot(node: Any, part: str, here: str, parts: List[str]):

@@ -370,23 +370,27 @@ class PseudoRows(torch.utils.data.Dataset):
     """Pseudo-labeled rows: each points at a row of the unlabeled set and carries its target.
 
     Targets are dense probability vectors (soft labels, from ``probs`` or ``topk_idx``/``topk_prob``)
-    or class indices when ``hard`` is set.
+    or class indices when ``hard`` is set. ``min_length`` repeats the rows (position i is row
+    i mod n) so that an epoch holds at least that many, whatever selection kept.
     """
 
-    def __init__(self, pseudo: datasets.Dataset, images: ImageRows, num_classes: int, hard: bool = False):
+    def __init__(self, pseudo: datasets.Dataset, images: ImageRows, num_classes: int, hard: bool = False,
+                 min_length: int = 0):
         self.pseudo = pseudo
         self.images = images
         self.num_classes = num_classes
         self.hard = hard
+        self.rows = len(pseudo)
+        self.length = max(self.rows, min_length) if self.rows else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.images.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.pseudo)
+        return self.length
 
     def __getitems__(self, indices: Sequence[int]) -> Dict[str, list]:
-        rows = self.pseudo[[int(i) for i in indices]]
+        rows = self.pseudo[[int(i) % self.rows for i in indices]]
         batch = self.images.__getitems__(rows['index'])
         batch['label'] = list(self._targets(rows))
         return batch

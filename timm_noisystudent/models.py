@@ -7,6 +7,7 @@ canonical timm architecture with timm's own ``ns_jft_in1k`` pretrained cfg, so w
 from the same Hub repos and exports name the canonical architecture.
 """
 import difflib
+import json
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,7 +23,8 @@ from .config import UserError, fsync_file, replace_dir
 
 __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
-    'data_config_of', 'count_params', 'predict', 'open_image', 'load_weights', 'read_state_dict', 'is_model_dir',
+    'data_config_of', 'count_params', 'architecture_of', 'final_feature_size', 'small_input_warning', 'predict',
+    'open_image', 'load_weights', 'read_state_dict', 'is_model_dir',
 ]
 
 
@@ -175,6 +177,25 @@ def ns_recipe(model_name: str) -> Optional[NSRecipe]:
     return NS_RECIPES.get(f'{name}_ns')
 
 
+def architecture_of(spec: Union[str, os.PathLike]) -> Optional[str]:
+    """The timm architecture a model spec builds (an NS variant counts as its base), or None if unknown.
+
+    A local model directory says it in its config.json; an ``hf-hub:`` id is not looked up.
+    """
+    path = Path(os.fspath(spec))
+    if is_model_dir(path):
+        try:
+            name = json.loads((path / 'config.json').read_text()).get('architecture')
+        except (OSError, ValueError, AttributeError):
+            return None
+    else:
+        name = os.fspath(spec)
+    if not isinstance(name, str) or name.startswith('hf-hub:'):
+        return None
+    recipe = NS_RECIPES.get(name.split('.')[0])
+    return recipe.base if recipe else name.split('.')[0]
+
+
 def count_params(model_name: str) -> int:
     """Parameter count of a registered model, built on the meta device so L2 costs nothing."""
     with torch.device('meta'):
@@ -320,6 +341,27 @@ def data_config_of(model: torch.nn.Module, image_size: Optional[int] = None) -> 
     """timm's eval data config of a model, optionally at another square resolution."""
     args = {'input_size': (3, image_size, image_size)} if image_size else {}
     return timm.data.resolve_data_config(args, model=model)
+
+
+def final_feature_size(model: torch.nn.Module, image_size: int) -> Optional[int]:
+    """The side of the model's last feature map at ``image_size``, from timm's feature_info."""
+    info = getattr(model, 'feature_info', None)
+    try:
+        reduction = int(info[-1]['reduction'])
+    except (TypeError, IndexError, KeyError, ValueError):
+        return None
+    return max(1, image_size // reduction)
+
+
+def small_input_warning(model: torch.nn.Module, name: str, image_size: int) -> Optional[str]:
+    """A warning when ``image_size`` leaves the model a 1x1 last feature map; None when it does not."""
+    side = final_feature_size(model, image_size)
+    if side is None or side > 1:
+        return None
+    reduction = int(model.feature_info[-1]['reduction'])
+    return (f'{name} downsamples {reduction}x, so {image_size} px inputs end in a 1x1 feature map and most of the '
+            f'network sees no spatial detail; a larger image_size (at least {2 * reduction}) or a model with less '
+            'downsampling usually trains better (see the README, "Small images").')
 
 
 def save_model(
