@@ -152,7 +152,12 @@ def _model_stages(run: Path) -> List[str]:
 
 
 def _final_stage(run: Path) -> Optional[str]:
-    """The last model stage of a run that finished (has DONE and an exported model)."""
+    """The stage the run chose for final/ (summary.json), else its last finished model stage."""
+    summary = _read_json(run / 'summary.json')
+    chosen = summary.get('final_stage') if isinstance(summary, dict) else None
+    if isinstance(chosen, str) and _is_model_stage(chosen) and (run / chosen / 'DONE').exists() \
+            and is_model_dir(run / chosen / 'model'):
+        return chosen
     for name in reversed(_model_stages(run)):
         if (run / name / 'DONE').exists() and is_model_dir(run / name / 'model'):
             return name

@@ -11,6 +11,7 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -21,9 +22,9 @@ from .config import (
 )
 from .engine import Preempted, process_state, train
 from .labeling import label
-from .models import count_params
+from .models import architecture_of, count_params
 
-__all__ = ['run', 'stage_names', 'format_summary', 'write_demo_data', 'demo_config']
+__all__ = ['run', 'stage_names', 'format_summary', 'students_beat_teachers', 'write_demo_data', 'demo_config']
 
 def stage_names(cfg: RunConfig) -> List[str]:
     names = ['iter0-teacher']
@@ -47,7 +48,8 @@ def _stage_hashes(cfg: RunConfig) -> Dict[str, str]:
     for k, student in enumerate(cfg.students, start=1):
         hashes[f'iter{k}-labels'] = prev = config_hash(
             {'prev': prev, 'unlabeled': config_to_dict(cfg.unlabeled), 'labels': config_to_dict(cfg.labels),
-             'seed': cfg.seed})
+             'seed': cfg.seed, 'iterate_from': cfg.iterate_from,
+             'validation': config_to_dict(cfg.validation) if cfg.validation else None})
         hashes[f'iter{k}-student'] = prev = config_hash(
             {**common, 'prev': prev, 'student': config_to_dict(student), 'epochs': epochs[k],
              'noise': config_to_dict(cfg.noise), 'unlabeled': config_to_dict(cfg.unlabeled)})
@@ -146,15 +148,26 @@ def _start_stage(stage_dir: Path, config_hash_: str) -> None:
     process_state().wait_for_everyone()
 
 
-def _train_row(name: str, metrics: Dict[str, Any], model: str, teacher: Optional[str]) -> Dict[str, Any]:
+def _train_row(name: str, metrics: Dict[str, Any], model: str, teacher: Optional[str],
+               val: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     return {'stage': name, 'model': model, 'teacher': teacher, 'top1': metrics.get('top1'),
-            'top5': metrics.get('top5'), 'labeled_images': metrics.get('labeled_images'),
-            'pseudo_images': metrics.get('pseudo_images', 0), 'seconds': metrics.get('seconds')}
+            'top5': metrics.get('top5'), 'val_top1': val.get('top1') if val else None,
+            'labeled_images': metrics.get('labeled_images'), 'pseudo_images': metrics.get('pseudo_images', 0),
+            'steps': metrics.get('step'), 'seconds': metrics.get('seconds')}
 
 
-def _labels_row(name: str, stats: Dict[str, Any], teacher: str) -> Dict[str, Any]:
-    return {'stage': name, 'model': teacher, 'teacher': None, 'top1': None, 'top5': None,
-            'labeled_images': None, 'pseudo_images': stats.get('rows_after'), 'seconds': stats.get('seconds')}
+def _labels_row(name: str, stats: Dict[str, Any], teacher: str, teacher_stage: str) -> Dict[str, Any]:
+    return {'stage': name, 'model': teacher, 'teacher': teacher_stage, 'top1': None, 'top5': None, 'val_top1': None,
+            'labeled_images': None, 'pseudo_images': stats.get('rows_after'), 'steps': None,
+            'seconds': stats.get('seconds'),
+            'selection': {k: stats.get(k) for k in ('rows_labeled', 'rows_before', 'rows_after', 'per_class_target',
+                                                    'rows_below_threshold', 'filled_classes', 'empty_classes',
+                                                    'duplicated')}}
+
+
+def _score(row: Dict[str, Any]) -> Optional[float]:
+    """What chooses between models: top-1 on the validation split if there is one, else on eval."""
+    return row['val_top1'] if row.get('val_top1') is not None else row.get('top1')
 
 
 def _previous_size(cfg: RunConfig, k: int) -> Optional[int]:
@@ -205,81 +218,162 @@ def run(
     epochs = stage_epochs(cfg)
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
-    teacher_model, teacher_name = out / 'iter0-teacher' / 'model', cfg.teacher.model
+    flags: List[str] = []
+
+    def stage(stage_dir: Path, name: str, model: str, teacher: Optional[str], fn) -> Dict[str, Any]:
+        with _noted(name, notes, say):
+            row = _run_train_stage(stage_dir, hashes[name], say, name, model, teacher, fn)
+        val = _validation(stage_dir, cfg) if cfg.validation is not None else None
+        row['val_top1'] = val.get('top1') if val else None
+        rows.append(row)
+        return row
 
     teacher_stage = replace(cfg.teacher, epochs=epochs[0])
-    rows.append(_run_train_stage(
-        out / 'iter0-teacher', hashes['iter0-teacher'], say, 'iter0-teacher', teacher_name, None,
+    best = last = stage(
+        out / 'iter0-teacher', 'iter0-teacher', cfg.teacher.model, None,
         lambda d: train(teacher_stage, cfg.labeled, d, eval_data=cfg.eval, train_cfg=cfg.train, noise=cfg.noise,
-                        seed=cfg.seed, resume=True, progress=progress)))
+                        seed=cfg.seed, resume=True, progress=progress))
+    if _score(best) is None and cfg.iterate_from == 'best' and cfg.students:
+        notes.append('no eval or validation split: each student labels the next iteration (iterate_from: last), '
+                     'since nothing measures which model is best.')
+        say(f'warning: {notes[-1]}')
 
     for k, student in enumerate(cfg.students, start=1):
+        source = best if cfg.iterate_from == 'best' else last
+        teacher_model, teacher_name = out / source['stage'] / 'model', source['model']
         labels_dir = out / f'iter{k}-labels'
         name = f'iter{k}-labels'
         if _is_done(labels_dir):
             stats = json.loads((labels_dir / 'stats.json').read_text())
             say(f'{name}: done, skipped')
         else:
-            say(f'{name}: labeling {cfg.unlabeled.path} with {teacher_name}')
+            say(f"{name}: labeling {cfg.unlabeled.path} with {source['stage']} ({teacher_name})")
             _start_stage(labels_dir, hashes[name])
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter('always')
+            with _noted(name, notes, say):
                 try:
                     stats = label(str(teacher_model), cfg.unlabeled, labels_dir, cfg.labels, seed=cfg.seed + k,
                                   num_workers=cfg.train.num_workers, progress=progress)
                 except Preempted as e:
                     raise _preempted(name, e) from None
-            for w in caught:
-                notes.append(f'{name}: {w.message}')
-                say(f'warning: {w.message}')
             if state.is_main_process:
-                _mark_done(labels_dir, {'stage': name, 'rows': stats.get('rows_after')})
+                _mark_done(labels_dir, {'stage': name, 'rows': stats.get('rows_after'), 'teacher': source['stage']})
             state.wait_for_everyone()
-        rows.append(_labels_row(name, stats, teacher_name))
+        rows.append(_labels_row(name, stats, teacher_name, source['stage']))
 
         # a student without its own image_size trains at the resolution the run chose before it
         size = student.image_size if student.image_size is not None else _previous_size(cfg, k)
         student_stage = replace(student, epochs=epochs[k], image_size=size)
-        small = _warn_small_student(teacher_name if k == 1 else cfg.students[k - 2].model, student.model)
-        if small and not _is_done(out / f'iter{k}-student'):
-            notes.append(f'iter{k}-student: {small}')
-            say(f'warning: {small}')
         name = f'iter{k}-student'
-        rows.append(_run_train_stage(
-            out / name, hashes[name], say, name, student.model, teacher_name,
-            lambda d, s=student_stage, p=labels_dir: train(
+        small = _warn_small_student(teacher_name, student.model)
+        if small and not _is_done(out / name):
+            notes.append(f'{name}: {small}')
+            say(f'warning: {small}')
+        same = architecture_of(student.model) is not None and \
+            architecture_of(student.model) == architecture_of(teacher_model)
+        init = teacher_model if cfg.train.student_init == 'teacher' and same else None
+        last = stage(
+            out / name, name, student.model, source['stage'],
+            lambda d, s=student_stage, p=labels_dir, i=init: train(
                 s, cfg.labeled, d, eval_data=cfg.eval, pseudo=p, unlabeled=cfg.unlabeled, train_cfg=cfg.train,
-                noise=cfg.noise, seed=cfg.seed + k, resume=True, progress=progress)))
-        teacher_model, teacher_name = out / name / 'model', student.model
+                noise=cfg.noise, seed=cfg.seed + k, resume=True, progress=progress, init_from=i))
+        below = _below(last, source)
+        last['below_teacher'] = below
+        if below:
+            then = (f"the next labels come from {best['stage']} (iterate_from: best)"
+                    if cfg.iterate_from == 'best' else 'it labels the next iteration anyway (iterate_from: last)')
+            flags.append(f"{name} ({student.model}) reached {_scored(last, cfg)}, below its teacher {source['stage']}'s "
+                         f"{_scored(source, cfg)}; {then}. Try less noise, more epochs or a stronger teacher.")
+            say(f'WARNING: {flags[-1]}')
+        if _score(last) is not None and _score(best) is not None and _score(last) > _score(best):
+            best = last
 
+    chosen = best if cfg.iterate_from == 'best' and _score(best) is not None else last
+    final_stage = chosen['stage']
     if cfg.finetune.epochs > 0:
-        ft = ModelStage(model=str(teacher_model), epochs=cfg.finetune.epochs, image_size=cfg.finetune.image_size,
+        ft = ModelStage(model=str(out / final_stage / 'model'), epochs=cfg.finetune.epochs,
+                        image_size=cfg.finetune.image_size,
                         lr=cfg.finetune.lr if cfg.finetune.lr is not None else 1e-4)
-        rows.append(_run_train_stage(
-            out / 'finetune', hashes['finetune'], say, 'finetune', teacher_name, teacher_name,
-            lambda d: train(ft, cfg.labeled, d, eval_data=cfg.eval, train_cfg=replace(cfg.train, ema_decay=0.0),
-                            seed=cfg.seed, resume=True, progress=progress,
-                            freeze_blocks=cfg.finetune.freeze_blocks, unaugmented=True)))
-        teacher_model = out / 'finetune' / 'model'
+        stage(out / 'finetune', 'finetune', chosen['model'], final_stage,
+              lambda d: train(ft, cfg.labeled, d, eval_data=cfg.eval, train_cfg=replace(cfg.train, ema_decay=0.0, min_steps=0),
+                              seed=cfg.seed, resume=True, progress=progress,
+                              freeze_blocks=cfg.finetune.freeze_blocks, unaugmented=True))
+        final_stage = 'finetune'
 
-    summary = _summary(rows, notes)
+    summary = {'stages': rows, 'flags': flags, 'notes': notes, 'final_stage': final_stage,
+               'iterate_from': cfg.iterate_from, 'selected_by': _selected_by(cfg)}
+    if final_stage != rows[-1]['stage']:
+        notes.append(f"final/ is {final_stage} (top-1 {_fmt(chosen['top1'])}), the best model of the run by "
+                     f"{summary['selected_by']} top-1; the last student is {rows[-1]['stage']}.")
     if state.is_main_process:
         write_json_atomic(out / 'summary.json', summary)
         write_text_atomic(out / 'summary.md', format_summary(summary, markdown=True))
         plot_accuracy(summary, out / 'accuracy.png')
-        _export_final(teacher_model, out)  # after the summary: the model card reads its lineage
+        _export_final(out / final_stage, out)  # after the summary: the model card reads its lineage
     state.wait_for_everyone()
     say('')
     say(format_summary(summary))
     for line in summary['flags']:
-        say(f'warning: {line}')
-    say(f'final model: {out / "final"}')
+        say(f'WARNING: {line}')
+    for line in notes[-1:] if final_stage != rows[-1]['stage'] else []:
+        say(line)
+    say(f'final model: {out / "final"} ({final_stage})')
     if cfg.hub.repo_id:
         from .hub import push
         if state.is_main_process:
             url = push(out / 'final', cfg.hub.repo_id, private=cfg.hub.private)
             say(f'pushed: {url}')
     return summary
+
+
+@contextmanager
+def _noted(name: str, notes: List[str], say):
+    """Warnings raised inside a stage go into the summary's notes and are printed once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        yield
+    for w in caught:
+        if issubclass(w.category, UserWarning) and f'{name}: {w.message}' not in notes:
+            notes.append(f'{name}: {w.message}')
+            say(f'warning: {w.message}')
+
+
+def students_beat_teachers(summary: Dict[str, Any]) -> bool:
+    """Whether every student of a run ended strictly above the model that labeled its data."""
+    by_stage = {r['stage']: r for r in summary['stages']}
+    students = [r for r in summary['stages'] if r['stage'].endswith('-student')]
+    return all(_score(r) is not None and r['teacher'] in by_stage and _score(by_stage[r['teacher']]) is not None
+               and _score(r) > _score(by_stage[r['teacher']]) for r in students)
+
+
+def _selected_by(cfg: RunConfig) -> Optional[str]:
+    return 'validation' if cfg.validation is not None else 'eval' if cfg.eval is not None else None
+
+
+def _below(row: Dict[str, Any], teacher: Dict[str, Any]) -> bool:
+    a, b = _score(row), _score(teacher)
+    return a is not None and b is not None and a < b
+
+
+def _scored(row: Dict[str, Any], cfg: RunConfig) -> str:
+    if row.get('val_top1') is not None:
+        return f"validation top-1 {row['val_top1']:.2f}"
+    return f"top-1 {row['top1']:.2f}"
+
+
+def _validation(stage_dir: Path, cfg: RunConfig) -> Dict[str, Any]:
+    """The stage's model on the validation split, measured once and kept in validation.json."""
+    from .engine import evaluate_model
+
+    path = stage_dir / 'validation.json'
+    if path.is_file():
+        return json.loads(path.read_text())
+    metrics = evaluate_model(str(stage_dir / 'model'), cfg.validation,
+                             batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
+                             num_workers=cfg.train.num_workers)
+    if process_state().is_main_process:
+        write_json_atomic(path, metrics)
+    process_state().wait_for_everyone()
+    return metrics
 
 
 def _run_train_stage(stage_dir: Path, hash_: str, say, name: str, model: str, teacher: Optional[str], fn):
@@ -299,22 +393,6 @@ def _run_train_stage(stage_dir: Path, hash_: str, say, name: str, model: str, te
     return _train_row(name, metrics, model, teacher)
 
 
-def _summary(rows: List[Dict[str, Any]], notes: List[str]) -> Dict[str, Any]:
-    flags = []
-    teacher_top1 = None
-    for row in rows:
-        if row['stage'].endswith('-labels'):
-            continue
-        below = teacher_top1 is not None and row['top1'] is not None and row['top1'] < teacher_top1
-        row['below_teacher'] = bool(below)
-        if below:
-            flags.append(f"{row['stage']} ({row['model']}) reached top-1 {row['top1']:.2f}, below its teacher's "
-                         f'{teacher_top1:.2f}; try less noise or more epochs.')
-        if row['top1'] is not None:
-            teacher_top1 = row['top1']
-    return {'stages': rows, 'flags': flags, 'notes': notes}
-
-
 def _fmt(v, digits=2) -> str:
     if v is None:
         return '-'
@@ -322,22 +400,31 @@ def _fmt(v, digits=2) -> str:
 
 
 def format_summary(summary: Dict[str, Any], markdown: bool = False) -> str:
-    """The summary table, as plain text for the terminal or as Markdown."""
-    header = ['stage', 'model', 'teacher', 'top-1', 'top-5', 'labeled', 'pseudo', 'seconds']
-    rows = [[r['stage'] + (' (!)' if r.get('below_teacher') else ''), r['model'], r['teacher'] or '-',
-             _fmt(r['top1']), _fmt(r['top5']), _fmt(r['labeled_images']), _fmt(r['pseudo_images']),
-             _fmt(r['seconds'], 1)] for r in summary['stages']]
+    """The summary table, as plain text for the terminal or as Markdown. (!) marks a student below its teacher."""
+    val = any(r.get('val_top1') is not None for r in summary['stages'])
+    header = ['stage', 'model', 'teacher', 'top-1', 'top-5'] + (['val top-1'] if val else []) + [
+        'labeled', 'pseudo', 'steps', 'seconds']
+    rows = [[r['stage'] + (' (!)' if r.get('below_teacher') else '') + (' *' if r['stage'] == summary.get(
+                'final_stage') else ''),
+             r['model'], r['teacher'] or '-', _fmt(r['top1']), _fmt(r['top5'])]
+            + ([_fmt(r.get('val_top1'))] if val else [])
+            + [_fmt(r['labeled_images']), _fmt(r['pseudo_images']), _fmt(r.get('steps')), _fmt(r['seconds'], 1)]
+            for r in summary['stages']]
+    footer = ['* final/ (the model the run exports)'] if summary.get('final_stage') else []
     if markdown:
         lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
         lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+        lines += [''] + footer
         if summary.get('flags'):
             lines += [''] + [f'- (!) {f}' for f in summary['flags']]
+        if summary.get('notes'):
+            lines += [''] + [f'- {n}' for n in summary['notes']]
         return '\n'.join(lines) + '\n'
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ['  '.join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [header] + rows]
     lines.insert(1, '  '.join('-' * w for w in widths))
-    return '\n'.join(lines)
+    return '\n'.join(lines + footer)
 
 
 def plot_accuracy(summary: Dict[str, Any], path: Path) -> None:
@@ -363,20 +450,10 @@ def plot_accuracy(summary: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _export_final(model_dir: Path, out: Path) -> None:
-    """final/ is the last model's export, with a model card when the hub module can make one."""
-    try:
-        from .hub import export
-    except ImportError:
-        export = None
-    if export is not None:
-        export(out, out / 'final')
-        return
-    tmp = out / '.final.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    shutil.rmtree(out / 'final', ignore_errors=True)
-    tmp.rename(out / 'final')
+def _export_final(stage_dir: Path, out: Path) -> None:
+    """final/ is the chosen stage's export, with a model card."""
+    from .hub import export
+    export(stage_dir, out / 'final')
 
 
 # --- the embedded demo: scikit-learn's digits, which ship inside scikit-learn's wheel ---
@@ -444,12 +521,11 @@ def demo_config(data_root: Union[str, os.PathLike], output: Union[str, os.PathLi
         'labeled': {'path': str(root / 'labeled')},
         'unlabeled': {'path': str(root / 'unlabeled')},
         'eval': {'path': str(root / 'test')},
-        'teacher': {'model': DEMO_MODEL, 'epochs': 60, 'image_size': 32},
-        # measured: 87.5 -> 90.75 -> 92.75 top-1; without RandAugment the second student fell back
-        'students': [{'model': DEMO_MODEL, 'epochs': 25}, {'model': DEMO_MODEL, 'epochs': 25}],
-        'labels': {'threshold': 0.3, 'per_class': 'auto'},
-        'noise': {'randaugment': 'tf-m6-n2', 'dropout': 0.2, 'drop_path': 0.1},
-        'train': {'batch_size': 32, 'unlabeled_ratio': 3, 'lr': 3e-3},
+        # every other key is the default that the README's results measure on the dev tasks;
+        # batch 32 halves the time of batch 64 on a laptop CPU
+        'teacher': {'model': DEMO_MODEL, 'image_size': 32},
+        'students': [{'model': DEMO_MODEL}, {'model': DEMO_MODEL}],
+        'train': {'batch_size': 32},
         'output': str(output),
         'seed': 0,
     })
@@ -500,8 +576,8 @@ def demo(output: Union[str, os.PathLike] = 'runs/demo', progress: bool = True) -
                 print(f"{row['stage']}: pseudo labels from {row['model']} are {acc:.1f}% correct "
                       '(checked against the hidden labels)', flush=True)
     summary['pseudo_label_accuracy'] = accuracies
+    beat = students_beat_teachers(summary)
     students = [r['top1'] for r in summary['stages'] if not r['stage'].endswith('-labels')]
-    beat = all(b > a for a, b in zip(students, students[1:]))
     if state.is_main_process:
         verdict = 'each student beat its teacher' if beat else 'a student did not beat its teacher (see above)'
         print(f"{verdict}: top-1 {' -> '.join(f'{t:.2f}' for t in students)}", flush=True)
