@@ -47,7 +47,7 @@ from .models import (
 
 # the paper's presets; `small-data` fits short CPU runs on a few thousand images
 PRESETS = {
-    'small-data': dict(opt='adamw', lr=3e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1.0,
+    'small-data': dict(opt='adamw', lr=6e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1.0,
                        min_lr=1e-5, momentum=0.9),
     'paper': dict(opt='rmsproptf', lr=0.016, weight_decay=1e-5, sched='step', warmup_epochs=5.0,
                   min_lr=0.0, momentum=0.9, decay_epochs=2.4, decay_rate=0.97),
