@@ -1,0 +1,176 @@
+"""Reproduce the README's results tables: the loop with its defaults on the dev tasks, against a
+same-budget supervised baseline.
+
+    python scripts/results.py                          # every task, both models
+    python scripts/results.py --tasks digits --models test_efficientnet
+    python scripts/results.py --out results/ -- labels.threshold=0.5   # overrides for the loop
+
+Tasks (the CIFAR-10 ones read ../shared/data/cifar10, the CIFAR-10 train split as parquet;
+the labels of its unlabeled slice only score the pseudo labels):
+
+- digits: scikit-learn's digits at 32 px, 10 labels per class, 1,297 unlabeled, 400 eval (the demo's data);
+- cifar10-4k: train[:4000] labeled, train[4000:24000] unlabeled, train[45000:] eval (5,000);
+- cifar10-1k: train[:1000] labeled, the same unlabeled and eval slices.
+
+Each run names only the data, the model and image_size (32); every other key is a default. The
+baseline is the teacher trained alone on the labeled data for as many optimizer steps as the whole
+loop took (teacher + every student), with the teacher's other settings. Run it on a quiet machine:
+the wall times are part of the table.
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CIFAR = HERE.parent.parent / 'shared' / 'data' / 'cifar10'
+
+TASKS = {
+    'digits': None,  # written by write_demo_data
+    'cifar10-4k': {'labeled': 'train[:4000]', 'unlabeled': 'train[4000:24000]', 'eval': 'train[45000:]'},
+    'cifar10-1k': {'labeled': 'train[:1000]', 'unlabeled': 'train[4000:24000]', 'eval': 'train[45000:]'},
+}
+MODELS = ('test_efficientnet', 'tf_efficientnet_b0')
+
+
+def _data(task: str, work: Path, cifar: Path):
+    if task == 'digits':
+        from timm_noisystudent.pipeline import write_demo_data
+        root = work / 'digits-data'
+        write_demo_data(root)
+        return ({'path': str(root / 'labeled')}, {'path': str(root / 'unlabeled')}, {'path': str(root / 'test')},
+                lambda: _digits_truth(root))
+    if not (cifar / 'train.parquet').is_file():
+        sys.exit(f'{cifar} has no train.parquet; pass --cifar DIR')
+    s = TASKS[task]
+    src = {k: {'path': str(cifar), 'split': v} for k, v in s.items()}
+    return src['labeled'], src['unlabeled'], src['eval'], lambda: _source_truth(src['unlabeled'])
+
+
+def _digits_truth(root: Path) -> np.ndarray:
+    import datasets
+    hidden = json.loads((root / 'hidden_labels.json').read_text())
+    ds = datasets.load_dataset(str(root / 'unlabeled'), split='train').cast_column('image', datasets.Image(decode=False))
+    return np.array([hidden[Path(v['path']).name] for v in ds['image']])
+
+
+def _source_truth(source) -> np.ndarray:
+    from timm_noisystudent.data import as_source, load_source
+    return np.asarray(load_source(as_source(source))['label'])
+
+
+def _pseudo_accuracy(labels_dir: Path, truth: np.ndarray) -> float:
+    """Top-1 of the teacher's pseudo labels over every unlabeled image, against the hidden labels."""
+    from timm_noisystudent.labeling import read_raw
+    raw = read_raw(labels_dir).select_columns(['index', 'label'])
+    index, label = np.asarray(raw['index']), np.asarray(raw['label'])
+    return round(100.0 * float((truth[index] == label).mean()), 2)
+
+
+def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline: bool) -> dict:
+    import datasets
+    from timm_noisystudent.config import ModelStage, apply_overrides, config_from_dict
+    from timm_noisystudent.engine import train
+    from timm_noisystudent.pipeline import run, students_beat_teachers
+
+    datasets.disable_progress_bars()
+    labeled, unlabeled, eval_, truth = _data(task, work, cifar)
+    out = work / f'{task}-{model}'
+    cfg = config_from_dict(apply_overrides({
+        'labeled': labeled, 'unlabeled': unlabeled, 'eval': eval_,
+        'teacher': {'model': model, 'image_size': 32},
+        'students': [{'model': model}, {'model': model}],
+        'output': str(out / 'loop'),
+    }, overrides))
+    t0 = time.perf_counter()
+    summary = run(cfg, progress=False)
+    loop_seconds = time.perf_counter() - t0
+    truth_labels = truth()
+    rows = summary['stages']
+    result = {
+        'task': task, 'model': model, 'overrides': list(overrides), 'loop_seconds': round(loop_seconds, 1),
+        'stages': [{k: r.get(k) for k in ('stage', 'teacher', 'top1', 'steps', 'pseudo_images', 'seconds')}
+                   for r in rows],
+        'pseudo_accuracy': {r['stage']: _pseudo_accuracy(out / 'loop' / r['stage'], truth_labels)
+                            for r in rows if r['stage'].endswith('-labels')},
+        'final_stage': summary['final_stage'],
+        'students_beat_teachers': students_beat_teachers(summary),
+    }
+    models = [r for r in rows if not r['stage'].endswith('-labels')]
+    total_steps = sum(r['steps'] or 0 for r in models)
+    teacher = models[0]
+    if baseline:
+        # the teacher's settings, its epochs repeated up to the loop's total optimizer steps
+        t0 = time.perf_counter()
+        metrics = train(cfg.teacher, cfg.labeled, out / 'baseline', eval_data=cfg.eval,
+                        train_cfg=replace(cfg.train, min_steps=total_steps), noise=cfg.noise, seed=cfg.seed,
+                        resume=True, progress=False)
+        result['baseline'] = {'epochs': metrics['epochs'], 'steps': metrics['step'], 'top1': metrics['top1'],
+                              'seconds': round(time.perf_counter() - t0, 1)}
+    last = models[-1]['top1']
+    result['teacher_error'] = round(100 - teacher['top1'], 2)
+    result['last_student_error'] = round(100 - last, 2)
+    result['error_ratio'] = round((100 - last) / max(100 - teacher['top1'], 1e-9), 3)
+    return result
+
+
+def _f(value, unit='') -> str:
+    return '-' if value is None else f'{value:.2f}{unit}'
+
+
+def markdown(results) -> str:
+    lines = []
+    for r in results:
+        st = {s['stage']: s for s in r['stages']}
+        lines.append(f"**{r['task']}, {r['model']}** (loop {r['loop_seconds']:.0f} s"
+                     + (f", baseline {r['baseline']['seconds']:.0f} s" if 'baseline' in r else '') + ')')
+        lines.append('')
+        lines.append('| stage | teacher | top-1 | steps | pseudo rows | pseudo-label acc. |')
+        lines.append('|---|---|---|---|---|---|')
+        for s in r['stages']:
+            acc = r['pseudo_accuracy'].get(s['stage'])
+            final = ' (final)' if s['stage'] == r['final_stage'] else ''
+            lines.append(f"| {s['stage']}{final} | {s['teacher'] or '-'} | {_f(s['top1'])} | {s['steps'] or '-'} | "
+                         f"{s['pseudo_images'] or '-'} | {_f(acc, '%')} |")
+        if 'baseline' in r:
+            b = r['baseline']
+            lines.append(f"| same-budget baseline | - | {b['top1']:.2f} | {b['steps']} | - | - |")
+        lines.append('')
+        verdict = f"last student's error / teacher's: {r['error_ratio']:.3f}; every student beat its teacher: " + (
+            'yes' if r['students_beat_teachers'] else 'no')
+        if 'baseline' in r:
+            beats = st[r['final_stage']]['top1'] > r['baseline']['top1']
+            verdict += f"; the loop {'beats' if beats else 'does not beat'} the same-budget baseline"
+        lines.append(verdict)
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--tasks', nargs='+', default=list(TASKS), choices=list(TASKS))
+    p.add_argument('--models', nargs='+', default=list(MODELS))
+    p.add_argument('--work', default='runs/results', help='where the runs go')
+    p.add_argument('--cifar', default=str(CIFAR), help='the CIFAR-10 parquet directory')
+    p.add_argument('--no-baseline', action='store_true')
+    p.add_argument('--json', help='append each result to this JSON-lines file')
+    p.add_argument('overrides', nargs='*', help='key=value overrides for the loop (after --)')
+    args = p.parse_args()
+    work = Path(args.work)
+    results = []
+    for task in args.tasks:
+        for model in args.models:
+            r = run_task(task, model, work, Path(args.cifar), args.overrides, not args.no_baseline)
+            results.append(r)
+            if args.json:
+                with open(args.json, 'a') as f:
+                    f.write(json.dumps(r) + '\n')
+            print(markdown([r]), flush=True)
+
+
+if __name__ == '__main__':
+    main()
