@@ -281,8 +281,8 @@ def run(
         if below:
             then = (f"the next labels come from {best['stage']} (iterate_from: best)"
                     if cfg.iterate_from == 'best' else 'it labels the next iteration anyway (iterate_from: last)')
-            flags.append(f"{name} ({student.model}) reached {_scored(last, cfg)}, below its teacher {source['stage']}'s "
-                         f"{_scored(source, cfg)}; {then}. Try less noise, more epochs or a stronger teacher.")
+            flags.append(f"{name} ({student.model}) reached {_scored(last)}, below its teacher {source['stage']}'s "
+                         f"{_scored(source)}; {then}. Try less noise, more epochs or a stronger teacher.")
             say(f'WARNING: {flags[-1]}')
         if _score(last) is not None and _score(best) is not None and _score(last) > _score(best):
             best = last
@@ -354,7 +354,7 @@ def _below(row: Dict[str, Any], teacher: Dict[str, Any]) -> bool:
     return a is not None and b is not None and a < b
 
 
-def _scored(row: Dict[str, Any], cfg: RunConfig) -> str:
+def _scored(row: Dict[str, Any]) -> str:
     if row.get('val_top1') is not None:
         return f"validation top-1 {row['val_top1']:.2f}"
     return f"top-1 {row['top1']:.2f}"
