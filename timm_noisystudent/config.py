@@ -773,6 +773,51 @@ def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
+LOCK_NAME = '.noisystudent.lock'
+
+
+@contextlib.contextmanager
+def output_lock(directory: Union[str, os.PathLike], state: Any = None) -> Iterator[None]:
+    """Hold an exclusive lock on an output directory while the block runs.
+
+    The lock is the operating system's (``filelock``, an ``flock`` on Unix), so it dies with its
+    process: a killed run leaves nothing that blocks the next one. The holder writes its pid beside
+    it, so a second process can say who holds it. Under ``accelerate launch`` (``state`` a
+    ``PartialState`` of several processes) the main process holds it, and the others stop with
+    the same error when it cannot.
+    """
+    import filelock
+
+    directory = Path(directory)
+    main = state is None or state.is_main_process
+    lock, problem = None, None
+    if main:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(str(directory / LOCK_NAME), timeout=0)
+            lock.acquire()
+        except filelock.Timeout:
+            lock = None
+            try:
+                holder = f' (pid {int((directory / (LOCK_NAME + ".pid")).read_text().split()[0])})'
+            except (OSError, ValueError, IndexError):
+                holder = ''
+            problem = (f'{directory} is in use by another noisystudent process{holder}; wait for it to end, '
+                       'or give this one another output directory.')
+        else:
+            (directory / (LOCK_NAME + '.pid')).write_text(f'{os.getpid()}\n')
+    if state is not None and getattr(state, 'num_processes', 1) > 1:
+        from accelerate.utils import broadcast_object_list
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise UserError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 # --- hashing -------------------------------------------------------------------------------------
 
 def config_hash(part: Any) -> str:

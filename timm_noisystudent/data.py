@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 
@@ -174,6 +176,68 @@ def check_labels(ds, label_column: str, num_classes: int, what: str = 'labeled')
         raise UserError(
             f'{what} labels must be in [0, {num_classes - 1}], found {low}..{high} in {label_column!r}; '
             'drop unlabeled rows (-1) or fix the class count.')
+
+
+IDENTITY_SAMPLE = 16  # rows whose bytes go into a source's identity
+
+
+def source_identity(ds, image_column: str, source: Optional[SourceLike] = None) -> Optional[Dict[str, Any]]:
+    """What proves that a later load is the set that was labeled, row for row.
+
+    The row count, a hash of every row's file name (relative to a local source's folder, so a
+    moved copy still matches) and a hash of the bytes of a few rows spread over the set, plus
+    where it came from (a resolved local path or the Hub id). None for a stream.
+    """
+    if isinstance(ds, datasets.IterableDataset):
+        return None
+    root = None
+    where = None
+    source = as_source(source) if source is not None else None
+    if isinstance(source, DataSource):
+        path = Path(source.path).expanduser()
+        if path.exists():
+            root = str(path.resolve())
+            where = root
+        else:
+            where = source.path
+    n = len(ds)
+    column = undecoded(ds.select_columns([image_column]), image_column).with_format('arrow')[:].column(0)
+    names = hashlib.sha256()
+    if pa.types.is_struct(column.type):
+        paths = pc.struct_field(column, 'path').to_pylist()
+    else:
+        paths = [None] * n
+    prefix = root + os.sep if root else None
+    for p in paths:
+        p = p or ''
+        if prefix and p.startswith(prefix):
+            p = p[len(prefix):]
+        names.update(p.encode('utf-8', 'surrogateescape') + b'\0')
+    sample = hashlib.sha256()
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(IDENTITY_SAMPLE, n))}) if n else []
+    plain = undecoded(ds.select_columns([image_column]), image_column)
+    for i in picks:
+        value = plain[i][image_column]
+        data = value.get('bytes') if isinstance(value, dict) else None
+        if data is None and isinstance(value, dict) and value.get('path'):
+            try:
+                data = Path(value['path']).read_bytes()
+            except OSError:
+                data = b''
+        sample.update(hashlib.sha256(data or b'').digest())
+    return {'where': where, 'rows': n, 'names_sha256': names.hexdigest()[:16],
+            'sample_sha256': sample.hexdigest()[:16]}
+
+
+def identity_mismatch(then: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
+    """Why two identities are not the same rows, or None when they are."""
+    if then.get('rows') != now.get('rows'):
+        return f'it has {now.get("rows")} rows, and {then.get("rows")} when it was labeled'
+    if then.get('names_sha256') != now.get('names_sha256'):
+        return 'its files are not the ones that were labeled (names or order differ)'
+    if then.get('sample_sha256') != now.get('sample_sha256'):
+        return 'its images differ from the ones that were labeled'
+    return None
 
 
 def undecoded(ds, image_column: str):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -36,10 +37,11 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from . import augment
-from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError, write_json_atomic
+from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError, output_lock, write_json_atomic
 from .data import (
     ImageRows, PseudoRows, SourceLike, as_source, check_labels, collate, num_workers_for,
-    image_column_of, label_column_of, label_names_of, load_source, num_classes_of,
+    identity_mismatch, image_column_of, label_column_of, label_names_of, load_source, num_classes_of,
+    source_identity,
 )
 from .models import (
     data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model, small_input_warning,
@@ -295,6 +297,37 @@ def read_pseudo(pseudo_dir: Path) -> tuple:
     return table, stats
 
 
+def _labeled_from(pseudo_dir, stats: Dict[str, Any]) -> DataSource:
+    """The unlabeled source a label directory names: by its resolved path where it has one."""
+    record = dict(stats.get('source') or {})
+    if not record.get('path'):
+        raise UserError(f'{pseudo_dir}/stats.json does not say which unlabeled set it labels; '
+                        'pass it with --unlabeled-data.')
+    resolved = record.pop('resolved', None)
+    if resolved:
+        record['path'] = resolved
+    return DataSource(**{k: v for k, v in record.items() if k in DataSource.__dataclass_fields__})
+
+
+def check_pairing(pseudo_dir: Path, stats: Dict[str, Any], ds, image_column: str, source) -> None:
+    """Refuse pseudo labels whose row indices would point at other images than the ones labeled."""
+    then = stats.get('source_identity')
+    if not then:
+        warnings.warn(f'{pseudo_dir} records no identity of the set it labeled (made by an older version), so '
+                      'the pairing of its labels with the unlabeled images is not checked.', stacklevel=2)
+        return
+    now = source_identity(ds, image_column, source)
+    why = identity_mismatch(then, now or {})
+    if why is None:
+        return
+    shown = getattr(as_source(source), 'path', None) or 'the given dataset'
+    stage = pseudo_dir.name
+    redo = (f'rerun the run with --restart-from {stage}' if re.fullmatch(r'iter\d+-labels', stage)
+            else f'label it again with `noisystudent label`, or pass the set it was labeled from with --unlabeled-data')
+    raise UserError(f'the unlabeled set {shown} does not match the pseudo labels in {pseudo_dir}, which were made '
+                    f'from {then.get("where")}: {why}; {redo}.')
+
+
 class _Cycle:
     """Endless batches from a prepared loader, one pass after another, resumable by count."""
 
@@ -491,6 +524,16 @@ def train(
     Writes ``OUTPUT/model/`` (plain-timm export), ``metrics.json``, ``metrics.jsonl`` and
     ``checkpoints/``. Returns the final metrics.
     """
+    with output_lock(output, process_state()):  # one process writes an output directory
+        return _train(stage, labeled, output, eval_data=eval_data, pseudo=pseudo, unlabeled=unlabeled,
+                      train_cfg=train_cfg, noise=noise, seed=seed, resume=resume, progress=progress,
+                      freeze_blocks=freeze_blocks, unaugmented=unaugmented, allow_pickle=allow_pickle,
+                      init_from=init_from)
+
+
+def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, noise, seed, resume, progress,
+           freeze_blocks, unaugmented, allow_pickle, init_from) -> Dict[str, Any]:
+    """``train`` itself, while it holds the output directory's lock."""
     train_cfg = train_cfg or TrainConfig()
     noise = noise or NoiseConfig()
     student = pseudo is not None
@@ -532,19 +575,20 @@ def train(
     B = spec.batch_size
     if student:
         pseudo_table, pseudo_stats = read_pseudo(Path(pseudo))
-        unlabeled_src = as_source(unlabeled) if unlabeled is not None else DataSource(**pseudo_stats['source'])
+        unlabeled_src = as_source(unlabeled) if unlabeled is not None else _labeled_from(pseudo, pseudo_stats)
         unlabeled_ds = load_source(unlabeled_src)
         if isinstance(unlabeled_ds, datasets.IterableDataset):
             raise UserError('student training needs random access to the unlabeled set; '
                             'save it to disk (or drop streaming) for training.')
+        un_image_col = image_column_of(unlabeled_ds, _source_columns(unlabeled_src)['image'])
+        check_pairing(Path(pseudo), pseudo_stats, unlabeled_ds, un_image_col, unlabeled_src)
         teacher_classes = int(pseudo_stats.get('num_classes', num_classes))
         if teacher_classes != num_classes:
             raise UserError(f'the pseudo labels have {teacher_classes} classes but the labeled set has '
                             f'{num_classes}; label with a teacher trained on this labeled set.')
         hard = not pseudo_stats.get('soft', True)
         noisy = augment.student_transform(data_config, spec.randaugment)
-        un_rows = ImageRows(unlabeled_ds, image_column_of(unlabeled_ds, _source_columns(unlabeled_src)['image']),
-                            noisy, seed=seed + 1)
+        un_rows = ImageRows(unlabeled_ds, un_image_col, noisy, seed=seed + 1)
         labeled_rows = ImageRows(labeled_ds, image_col, noisy, label_column=label_col, seed=seed)
         # an epoch passes over the longer stream, so the student's budget never follows the kept rows
         labeled_steps = math.ceil(len(labeled_rows) / B)

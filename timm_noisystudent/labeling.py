@@ -40,14 +40,15 @@ from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
 from .config import (
-    DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError, atomic_path, write_json_atomic,
+    DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError, atomic_path, output_lock,
+    write_json_atomic,
 )
 from .data import (
     EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of, num_workers_for,
-    load_source, undecoded,
+    load_source, source_identity, undecoded,
 )
 from .engine import (  # Accelerator, signal and thread helpers only
-    Preempted, _StopFlag, cpu_threads, make_accelerator, resolve_precision, torch_threads,
+    Preempted, _StopFlag, cpu_threads, make_accelerator, process_state, resolve_precision, torch_threads,
 )
 from .models import data_config_of, fold_batchnorm, label_names_of, load_model
 
@@ -532,6 +533,14 @@ def label(
     re-selects without labeling. SIGTERM/SIGINT stop it at the next batch with ``engine.Preempted``;
     the finished shards are kept for the rerun. ``allow_pickle``: see ``models.load_model``.
     """
+    with output_lock(output, process_state()):  # one process writes a label directory
+        return _label(teacher, source, output, cfg, seed=seed, num_workers=num_workers, progress=progress,
+                      image_size=image_size, rows_per_shard=rows_per_shard, allow_pickle=allow_pickle)
+
+
+def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_size, rows_per_shard,
+           allow_pickle) -> Dict[str, Any]:
+    """``label`` itself, while it holds the output directory's lock."""
     cfg = cfg or LabelsConfig()
     t_start = time.perf_counter()
     output = Path(output)
@@ -563,9 +572,12 @@ def label(
     rows_per_shard = rows_per_shard or 32 * cfg.batch_size
     rows_per_shard = cfg.batch_size * max(1, math.ceil(rows_per_shard / cfg.batch_size))
     fingerprint = None if streaming else getattr(ds, '_fingerprint', None)
+    identity = source_identity(ds, image_col, src)
     record = _source_record(src)
     if record is not None:
         record['image_column'] = image_col
+        if identity and identity['where'] != record['path']:
+            record['resolved'] = identity['where']  # another working directory must not find another folder
 
     raw = output / 'raw'
     if main:
@@ -575,7 +587,7 @@ def label(
             'teacher_sha256': weights_sha256(model), 'num_classes': num_classes,
             'temperature': float(cfg.temperature), 'topk': topk, 'mixed_precision': precision,
             'data_config': {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-            'source': record, 'fingerprint': fingerprint, 'num_rows': None if streaming else num_rows,
+            'source': record, 'identity': identity, 'num_rows': None if streaming else num_rows,
             'streaming': streaming, 'rows_per_shard': rows_per_shard,
             'num_processes': world if streaming else None,  # a stream is cut per process
         }
@@ -606,6 +618,7 @@ def label(
     if main:
         stats = _finish(output, cfg, seed, num_classes, topk, label_names_of(model), precision, record, fingerprint,
                         spec, manifest['teacher_sha256'], data_config, world, rows_per_shard)
+        stats['source_identity'] = identity
         stats['rows_labeled_now'] = done_all
         stats['rows_resumed'] = stats['rows_labeled'] + stats['failed_count'] - done_all
         stats['seconds'] = round(time.perf_counter() - t_start, 3)

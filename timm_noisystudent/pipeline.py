@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .config import (
     ModelStage, RunConfig, UserError, atomic_path, config_from_dict, config_hash, config_to_dict, save_config,
-    stage_epochs, write_json_atomic, write_text_atomic,
+    output_lock, stage_epochs, write_json_atomic, write_text_atomic,
 )
 from .engine import Preempted, process_state, train
 from .labeling import label
@@ -201,6 +201,12 @@ def run(
     out = Path(cfg.output)
     _check_before_training(cfg)
     state = process_state()
+    with output_lock(out, state):  # one run per directory; a second one stops here
+        return _run(cfg, out, state, restart_from, progress, echo)
+
+
+def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress: bool,
+         echo: bool) -> Dict[str, Any]:
     names = stage_names(cfg)
     hashes = _stage_hashes(cfg)
     if state.is_main_process:

@@ -1,0 +1,194 @@
+"""Issue 13: labels stay paired with their images, one process per output, no partial file taken
+as complete, and every bad input a one-line error with exit code 2.
+
+Data is scikit-learn's digits written as folders; models are timm's tiny ``test_efficientnet``.
+Each test makes its fault for real: images added to a folder, a second process holding a lock,
+a shard cut short or replaced, a JSON file overwritten with garbage.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from timm_noisystudent.cli import main
+from timm_noisystudent.models import load_model, save_model
+from timm_noisystudent.pipeline import write_demo_data
+
+CLI = [sys.executable, '-m', 'timm_noisystudent']
+MODEL = 'test_efficientnet'
+
+pytestmark = pytest.mark.filterwarnings('ignore:the confidence threshold')
+
+
+def _env(**extra):
+    from conftest import hub_env
+    return hub_env(OMP_NUM_THREADS='1', **extra)
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, err[-3000:]
+    assert 'Traceback' not in err
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('safety') / 'data'
+    write_demo_data(root, per_class=3, n_test=60)
+    return root
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+    import torch
+    torch.manual_seed(0)
+    model = load_model(MODEL, pretrained=False, num_classes=10)
+    return save_model(model, tmp_path_factory.mktemp('model') / 'model',
+                      label_names=[f'digit_{i}' for i in range(10)],
+                      data_config={'input_size': (3, 32, 32), 'crop_pct': 1.0, 'interpolation': 'bilinear',
+                                   'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)})
+
+
+def _unlabeled_copy(data_root: Path, dest: Path, n: int = 24) -> Path:
+    dest.mkdir(parents=True)
+    for f in sorted((data_root / 'unlabeled').iterdir())[:n]:
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def _label(model_dir, data, out, *extra) -> list:
+    return ['label', '--teacher', str(model_dir), '--data', str(data), '--output', str(out), '--threshold', '0',
+            '--batch-size', '8', '--num-workers', '0', '--mixed-precision', 'no', *extra]
+
+
+def _train(data_root, out, *extra) -> list:
+    return ['train', '--data', str(data_root / 'labeled'), '--model', MODEL, '--image-size', '32', '--epochs', '1',
+            '--batch-size', '8', '--num-workers', '0', '--mixed-precision', 'no', '--min-steps', '0',
+            '--output', str(out), *extra]
+
+
+# --- 1. pseudo labels stay paired with the images they were made from ------------------------------
+
+def test_images_added_after_labeling_are_refused(data_root, model_dir, tmp_path, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl')
+    assert main(_label(model_dir, unl, tmp_path / 'labels')) == 0
+    stats = json.loads((tmp_path / 'labels' / 'stats.json').read_text())
+    assert stats['source_identity']['rows'] == 24
+    shutil.copy(sorted((data_root / 'unlabeled').iterdir())[30], unl / '0000_new.png')  # sorts first: rows shift
+    capsys.readouterr()
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'))) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f'does not match the pseudo labels in {tmp_path / "labels"}' in line
+    assert 'it has 25 rows, and 24 when it was labeled' in line and 'noisystudent label' in line
+    assert not (tmp_path / 'student' / 'model').exists()
+
+
+def test_another_set_of_the_same_size_is_refused(data_root, model_dir, tmp_path, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl')
+    other = tmp_path / 'other'
+    other.mkdir()
+    for i, f in enumerate(sorted((data_root / 'unlabeled').iterdir())[100:124]):
+        shutil.copy(f, other / sorted(p.name for p in unl.iterdir())[i])  # the same names, other images
+    assert main(_label(model_dir, unl, tmp_path / 'labels')) == 0
+    capsys.readouterr()
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'),
+                       '--unlabeled-data', str(other))) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert str(other) in line and str(unl.resolve()) in line and 'its images differ' in line
+    # the set it was labeled from is still accepted
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'),
+                       '--unlabeled-data', str(unl))) == 0
+
+
+def test_a_relative_path_is_found_from_another_working_directory(data_root, model_dir, tmp_path, monkeypatch):
+    here, elsewhere = tmp_path / 'here', tmp_path / 'elsewhere'
+    _unlabeled_copy(data_root, here / 'unlabeled')
+    other = elsewhere / 'unlabeled'  # a different folder of the same relative name
+    other.mkdir(parents=True)
+    for f in sorted((data_root / 'unlabeled').iterdir())[200:210]:
+        shutil.copy(f, other / f.name)
+    monkeypatch.chdir(here)
+    assert main(_label(model_dir, 'unlabeled', here / 'labels')) == 0
+    assert json.loads((here / 'labels' / 'stats.json').read_text())['source']['resolved'] == \
+        str((here / 'unlabeled').resolve())
+    monkeypatch.chdir(elsewhere)
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(here / 'labels'))) == 0
+    assert (tmp_path / 'student' / 'model' / 'model.safetensors').is_file()
+    # the folder of that name here is not the one labeled
+    assert main(_train(data_root, tmp_path / 'student2', '--pseudo', str(here / 'labels'),
+                       '--unlabeled-data', 'unlabeled')) == 2
+
+
+def test_a_resumed_run_refuses_labels_of_a_changed_folder(data_root, tmp_path, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=32)
+    cfg = {
+        'labeled': str(data_root / 'labeled'), 'unlabeled': str(unl), 'eval': str(data_root / 'test'),
+        'teacher': {'model': MODEL, 'epochs': 1, 'image_size': 32},
+        'students': [{'model': MODEL, 'epochs': 1}],
+        'labels': {'threshold': 0.0, 'batch_size': 8, 'mixed_precision': 'no'},
+        'train': {'batch_size': 8, 'num_workers': 0, 'mixed_precision': 'no', 'min_steps': 0},
+        'output': str(tmp_path / 'run'),
+    }
+    config = tmp_path / 'run.yaml'
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(['run', str(config), '--no-progress']) == 0
+    shutil.rmtree(tmp_path / 'run' / 'iter1-student')  # the student is not done; its labels are
+    shutil.copy(sorted((data_root / 'unlabeled').iterdir())[40], unl / '0000_new.png')
+    capsys.readouterr()
+    assert main(['run', str(config), '--no-progress']) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert 'does not match the pseudo labels' in line and '--restart-from iter1-labels' in line
+    assert main(['run', str(config), '--no-progress', '--restart-from', 'iter1-labels']) == 0
+    stats = json.loads((tmp_path / 'run' / 'iter1-labels' / 'stats.json').read_text())
+    assert stats['source_identity']['rows'] == 33
+
+
+# --- 2. one process per output directory -----------------------------------------------------------
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None and predicate()
+
+
+@pytest.mark.parametrize('command', ['train', 'run'])
+def test_a_second_process_on_the_same_output_stops_with_the_holders_pid(command, data_root, tmp_path, capsys):
+    out = tmp_path / 'out'
+    if command == 'train':
+        argv = _train(data_root, out)
+        first = argv[:argv.index('--epochs') + 1] + ['500'] + argv[argv.index('--epochs') + 2:]
+    else:
+        cfg = {'labeled': str(data_root / 'labeled'), 'unlabeled': str(data_root / 'unlabeled'),
+               'teacher': {'model': MODEL, 'epochs': 500, 'image_size': 32}, 'students': [],
+               'train': {'batch_size': 8, 'num_workers': 0, 'mixed_precision': 'no', 'min_steps': 0}}
+        config = tmp_path / 'run.yaml'
+        config.write_text(yaml.safe_dump(cfg))
+        first = ['run', str(config), '-o', str(out), '--no-progress']
+        argv = ['run', str(config), 'seed=1', '-o', str(out), '--no-progress']
+    log = open(tmp_path / 'first.log', 'w')
+    proc = subprocess.Popen(CLI + first, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    try:
+        _wait_for(lambda: (out / '.noisystudent.lock.pid').is_file(), proc)
+        assert main(argv) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert f'{out} is in use by another noisystudent process (pid {proc.pid})' in line
+        if command == 'run':  # the holder's config stands
+            _wait_for(lambda: (out / 'config.yaml').is_file(), proc)
+            assert yaml.safe_load((out / 'config.yaml').read_text())['seed'] == 0
+    finally:
+        proc.kill()  # SIGKILL: the lock must die with the process
+        proc.wait()
+        log.close()
+    # a killed holder blocks nothing (a short teacher this time)
+    again = argv + ['--resume'] if command == 'train' else ['run', str(config), 'teacher.epochs=1', '-o', str(out)]
+    assert main(again) == 0
