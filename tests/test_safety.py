@@ -192,3 +192,103 @@ def test_a_second_process_on_the_same_output_stops_with_the_holders_pid(command,
     # a killed holder blocks nothing (a short teacher this time)
     again = argv + ['--resume'] if command == 'train' else ['run', str(config), 'teacher.epochs=1', '-o', str(out)]
     assert main(again) == 0
+
+
+# --- 3. partial or foreign files are never taken as complete ---------------------------------------
+
+def _selected(labels_dir: Path) -> dict:
+    import datasets
+    files = sorted(str(p) for p in (labels_dir / 'data').glob('*.parquet'))
+    return datasets.load_dataset('parquet', data_files=files, split='train').to_dict()
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'ten-rows-of-its-range', 'no-metadata'])
+def test_a_damaged_raw_shard_is_redone(damage, data_root, model_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=24)
+    ref, out = tmp_path / 'ref', tmp_path / 'labels'
+    assert main(_label(model_dir, unl, ref, '--rows-per-shard', '8')) == 0
+    assert main(_label(model_dir, unl, out, '--rows-per-shard', '8')) == 0
+    shard = out / 'raw' / 'rows-000000000008-000000000016.parquet'
+    table = pq.read_table(shard)
+    if damage == 'truncated':
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif damage == 'ten-rows-of-its-range':  # valid parquet, our metadata, but rows missing
+        pq.write_table(table.slice(0, 3), shard)
+    else:
+        pq.write_table(table.replace_schema_metadata(None), shard)
+    capsys.readouterr()
+    assert main(_label(model_dir, unl, out, '--rows-per-shard', '8')) == 0
+    captured = capsys.readouterr()
+    assert f'warning: redoing the raw shard {shard.name}:' in captured.err and 'Traceback' not in captured.err
+    assert 'labeled 24 images (0 undecodable, 16 from earlier shards)' in captured.out
+    assert _selected(out) == _selected(ref)
+
+
+def _tiny_run(data_root, tmp_path, **train) -> Path:
+    cfg = {
+        'labeled': str(data_root / 'labeled'), 'unlabeled': {'path': str(data_root / 'unlabeled'),
+                                                             'split': 'train[:32]'},
+        'eval': str(data_root / 'test'),
+        'teacher': {'model': MODEL, 'epochs': 2, 'image_size': 32},
+        'students': [{'model': MODEL, 'epochs': 1}],
+        'labels': {'threshold': 0.0, 'batch_size': 8, 'mixed_precision': 'no'},
+        'train': {'batch_size': 8, 'num_workers': 0, 'mixed_precision': 'no', 'min_steps': 0, **train},
+        'output': str(tmp_path / 'run'),
+    }
+    config = tmp_path / 'run.yaml'
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def test_a_garbage_stage_json_redoes_that_stage_with_one_line(data_root, tmp_path, capsys):
+    config = _tiny_run(data_root, tmp_path)
+    assert main(['run', str(config), '--no-progress']) == 0
+    (tmp_path / 'run' / 'iter1-student' / 'stage.json').write_text('{not json')
+    capsys.readouterr()
+    assert main(['run', str(config), '--no-progress']) == 0
+    captured = capsys.readouterr()
+    assert 'stage.json is not valid JSON' in captured.err and 'redoing iter1-student' in captured.err
+    assert 'iter0-teacher: done, skipped' in captured.out and 'iter1-student: training' in captured.out
+    assert json.loads((tmp_path / 'run' / 'iter1-student' / 'stage.json').read_text())['config_hash']
+
+
+@pytest.mark.parametrize('stage,lost', [('iter0-teacher', 'model/model.safetensors'),
+                                        ('iter1-labels', 'data'), ('iter1-student', 'metrics.json')])
+def test_a_done_stage_that_lost_its_files_names_the_restart(stage, lost, data_root, tmp_path, capsys):
+    config = _tiny_run(data_root, tmp_path)
+    assert main(['run', str(config), '--no-progress']) == 0
+    target = tmp_path / 'run' / stage / lost
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    capsys.readouterr()
+    assert main(['run', str(config), '--no-progress']) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f'stage {stage} is marked done but' in line and f'--restart-from {stage}' in line
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(data_root, tmp_path, capsys):
+    out = tmp_path / 'out'
+    argv = _train(data_root, out, '--checkpoint-every', '1', '--epochs', '4')
+    assert main(argv + ['--max-steps', '3']) == 0
+    ckpts = sorted((out / 'checkpoints').glob('step-*'))
+    assert len(ckpts) == 2
+    (ckpts[-1] / 'trainer_state.json').write_text('{"step": ')
+    (out / 'metrics.json').unlink()  # as after a kill: unfinished
+    capsys.readouterr()
+    assert main(argv + ['--resume']) == 0
+    captured = capsys.readouterr()
+    assert f'checkpoint {ckpts[-1]} cannot be read (JSONDecodeError); resuming from the one before it, ' \
+           f'{ckpts[0].name}' in captured.err
+    assert f'resuming from {ckpts[0]}' in captured.out
+
+
+def test_train_again_without_resume_over_an_unfinished_one_is_refused(data_root, tmp_path, capsys):
+    out = tmp_path / 'out'
+    argv = _train(data_root, out, '--checkpoint-every', '1')
+    assert main(argv + ['--max-steps', '2']) == 0
+    (out / 'metrics.json').unlink()  # as after a kill
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert '--resume' in _error_line(capsys.readouterr().err)
+    assert main(argv + ['--resume']) == 0

@@ -424,6 +424,27 @@ def _latest_checkpoint(root: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def _resume_from(accelerator, ema, root: Path) -> Optional[Path]:
+    """Load the newest checkpoint that reads whole; a damaged one is passed over with a one-line warning."""
+    kept = [d for d in _checkpoint_dirs(root) if (d / 'trainer_state.json').is_file()]
+    for n, ckpt in enumerate(reversed(kept)):
+        try:
+            state = json.loads((ckpt / 'trainer_state.json').read_text())
+            int(state['step']), int(state['epoch'])
+            accelerator.load_state(str(ckpt))
+            ema.load_state_dict(load_file(str(ckpt / 'ema.safetensors'), device=str(accelerator.device)))
+            return ckpt
+        except Exception as e:  # noqa: BLE001 - any damage means: try the one before
+            older = kept[-n - 2] if n + 2 <= len(kept) else None
+            if older is None:
+                raise UserError(f'no checkpoint in {root} can be read ({ckpt.name}: {type(e).__name__}); remove '
+                                f'{root} to start this stage over.') from e
+            if accelerator.is_main_process:
+                warnings.warn(f'checkpoint {ckpt} cannot be read ({type(e).__name__}); resuming from the one '
+                              f'before it, {older.name}.', stacklevel=2)
+    return None
+
+
 def default_ema_decay(total_steps: int) -> float:
     """An EMA horizon of about a tenth of the run: 0.9999 at ImageNet scale, less for short runs."""
     return float(min(0.9999, max(0.9, 1.0 - 10.0 / max(total_steps, 1))))
@@ -647,14 +668,15 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     state = {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'updates': 0, 'side_seen': 0, 'images': 0,
              'seconds': 0.0}
     if resume:
-        last = _latest_checkpoint(ckpt_root)
+        last = _resume_from(accelerator, ema, ckpt_root)
         if last is not None:
-            accelerator.load_state(str(last))
-            ema.load_state_dict(load_file(str(last / 'ema.safetensors'), device=str(accelerator.device)))
             state = json.loads((last / 'trainer_state.json').read_text())
             accelerator.print(f'resuming from {last} (epoch {state["epoch"]}, step {state["step"]})')
             if accelerator.is_main_process:
                 _keep_history_until(output / 'metrics.jsonl', state['step'])
+    elif _latest_checkpoint(ckpt_root) is not None and not (output / 'metrics.json').is_file():
+        raise UserError(f'{output} holds the checkpoints of an unfinished training; pass --resume to continue it, '
+                        f'or remove {ckpt_root} (or choose another --output) to start over.')
     elif accelerator.is_main_process:
         # a fresh start must not mix with an older run's history
         shutil.rmtree(ckpt_root, ignore_errors=True)

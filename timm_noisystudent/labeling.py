@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -509,7 +510,38 @@ def _prepare_raw(raw: Path, manifest: Dict[str, Any]) -> bool:
             f.unlink()
         write_json_atomic(path, manifest)
         return False
+    for shard in sorted(raw.glob('*.parquet')):
+        problem = _shard_problem(shard, manifest)
+        if problem:
+            warnings.warn(f'redoing the raw shard {shard.name}: {problem}.', stacklevel=3)
+            shard.unlink()
     return any(raw.glob('*.parquet'))
+
+
+def _shard_problem(path: Path, manifest: Dict[str, Any]) -> Optional[str]:
+    """Why a raw shard cannot be reused as complete, or None: it must read and hold its whole range."""
+    try:
+        meta = _shard_meta(path)
+        rows = pq.ParquetFile(path).metadata.num_rows
+        index = pq.read_table(path, columns=['index']).column('index').to_numpy()
+    except Exception as e:  # noqa: BLE001 - any unreadable file is redone
+        return f'it is not a readable parquet file ({type(e).__name__})'
+    failed = meta.get('failed', [])
+    if meta.get('consumed') != rows + len(failed):
+        return f'it holds {rows + len(failed)} rows but records {meta.get("consumed")}'
+    m = re.fullmatch(r'rows-(\d+)-(\d+)\.parquet', path.name)
+    if m:
+        start, stop = int(m.group(1)), int(m.group(2))
+        expected = (start % manifest['rows_per_shard'] == 0 and
+                    stop == min(start + manifest['rows_per_shard'], manifest['num_rows'] or stop))
+        if not expected:
+            return 'its row range is not one this labeling makes'
+        if rows + len(failed) != stop - start:
+            return f'it holds {rows + len(failed)} of its {stop - start} rows'
+        seen = np.concatenate([index, np.asarray(failed, np.int64)])
+        if seen.size and (seen.min() < start or seen.max() >= stop or np.unique(seen).size != seen.size):
+            return f'its rows are not rows {start} to {stop - 1}'
+    return None
 
 
 def label(

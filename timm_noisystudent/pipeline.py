@@ -77,6 +77,11 @@ def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_f
         if not stage_dir.exists() or i >= first_redo:
             continue
         recorded = _recorded_hash(stage_dir)
+        if recorded is _UNREADABLE:
+            warnings.warn(f'{stage_dir / "stage.json"} is not valid JSON, so it is unknown what made {name}; '
+                          f'redoing {name} and the stages after it.', stacklevel=2)
+            first_redo = i
+            break
         if recorded is not None and recorded != hashes[name]:
             if _is_done(stage_dir):
                 raise UserError(
@@ -84,6 +89,11 @@ def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_f
                     f'--restart-from {name} to redo it and what follows, or use another --output.')
             first_redo = i  # an unfinished stage with stale checkpoints starts over
             break
+    for name in names[:first_redo]:
+        missing = _missing_output(out / name) if _is_done(out / name) else None
+        if missing:
+            raise UserError(f'stage {name} is marked done but {missing}; rerun with --restart-from {name} to redo '
+                            'it and what follows.')
     if state.is_main_process:
         for name in names[first_redo:]:
             shutil.rmtree(out / name, ignore_errors=True)
@@ -92,9 +102,39 @@ def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_f
     state.wait_for_everyone()
 
 
-def _recorded_hash(stage_dir: Path) -> Optional[str]:
+def _missing_output(stage_dir: Path) -> Optional[str]:
+    """What a finished stage lacks of its outputs (or holds damaged), or None."""
+    if stage_dir.name.endswith('-labels'):
+        needed = ['stats.json']
+        if not any((stage_dir / 'data').glob('*.parquet')):
+            return f'{stage_dir / "data"} holds no parquet file'
+    else:
+        needed = ['metrics.json', 'model/config.json', 'model/model.safetensors']
+    for rel in needed:
+        f = stage_dir / rel
+        if not f.is_file():
+            return f'{f} is missing'
+        if f.suffix == '.json':
+            try:
+                json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError):
+                return f'{f} is not valid JSON'
+    return None
+
+
+_UNREADABLE = object()
+
+
+def _recorded_hash(stage_dir: Path):
+    """The config hash a stage recorded, None when it has none, ``_UNREADABLE`` for a damaged stage.json."""
     f = stage_dir / 'stage.json'
-    return json.loads(f.read_text()).get('config_hash') if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        recorded = json.loads(f.read_text())
+        return str(recorded['config_hash'])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return _UNREADABLE
 
 
 def _check_before_training(cfg: RunConfig) -> None:
