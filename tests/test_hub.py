@@ -418,7 +418,7 @@ def test_push_to_a_new_branch_and_as_a_pull_request(hub_server, run_dir, capsys)
     assert 'model.safetensors' in hub_server.files('model', repo_id, revision='dev')
     assert set(hub_server.files('model', repo_id)) == {'.gitattributes'}  # main untouched
 
-    code, out, err = _run_cli(['push', str(run_dir), '--repo-id', repo_id, '--create-pr', '--private'], capsys)
+    code, out, err = _run_cli(['push', str(run_dir), '--repo-id', repo_id, '--create-pr'], capsys)
     assert code == 0, err
     assert 'pull request:' in out
     assert 'README.md' in hub_server.files('model', repo_id, revision='refs/pr/1')

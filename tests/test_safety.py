@@ -292,3 +292,226 @@ def test_train_again_without_resume_over_an_unfinished_one_is_refused(data_root,
     assert main(argv) == 2
     assert '--resume' in _error_line(capsys.readouterr().err)
     assert main(argv + ['--resume']) == 0
+
+
+# --- 4-6. every bad input is one line with exit code 2, and the line is right ---------------------
+
+@pytest.fixture(scope='module')
+def bad_models(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp('bad-models')
+    out = {}
+    for name in ('badjson', 'badarch', 'trunc'):
+        shutil.copytree(model_dir, root / name)
+        out[name] = root / name
+    (root / 'badjson' / 'config.json').write_text('{"architecture": "test_efficientnet", oops}')
+    cfg = json.loads((root / 'badarch' / 'config.json').read_text())
+    (root / 'badarch' / 'config.json').write_text(json.dumps(dict(cfg, architecture='no_such_net')))
+    weights = root / 'trunc' / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    one_class = root / 'one-class' / 'cats'
+    one_class.mkdir(parents=True)
+    out['one-class'] = root / 'one-class'
+    return out
+
+
+def _image(data_root) -> str:
+    return str(next((data_root / 'test').rglob('*.png')))
+
+
+CASES = {
+    'config.json not JSON': (['predict', '{img}', '--model', '{badjson}'], 'config.json is not valid JSON'),
+    'unknown architecture': (['predict', '{img}', '--model', '{badarch}'],
+                             "names the architecture 'no_such_net', which this timm"),
+    'truncated safetensors': (['eval', '--model', '{trunc}', '--data', '{test}'],
+                              'model.safetensors cannot be read'),
+    'predict --top-k -1': (['predict', '{img}', '--model', '{model}', '--top-k', '-1'],
+                           '--top-k must be at least 1, got -1'),
+    'predict --top-k 0': (['predict', '{img}', '--model', '{model}', '--top-k', '0'],
+                          '--top-k must be at least 1, got 0'),
+    'percent slice out of range': (['label', '--teacher', '{model}', '--data', '{unl}', '-o', '{out}',
+                                    '--split', 'train[:200%]'], "bad split 'train[:200%]'"),
+    'eval --batch-size 0': (['eval', '--model', '{model}', '--data', '{test}', '--batch-size', '0'],
+                            '--batch-size must be at least 1, got 0'),
+    'eval --image-size -5': (['eval', '--model', '{model}', '--data', '{test}', '--image-size', '-5'],
+                             '--image-size must be at least 1, got -5'),
+    'tracker typo': (['train', '--data', '{labeled}', '--model', MODEL, '-o', '{out}', '--log-with', 'tensorbord'],
+                     "--log-with: unknown tracker 'tensorbord'; Accelerate knows"),
+    'train --image-size 0': (['train', '--data', '{labeled}', '--model', MODEL, '-o', '{out}', '--image-size', '0'],
+                             '--image-size must be at least 1, got 0'),
+    'train --freeze-blocks 99': (['train', '--data', '{labeled}', '--model', MODEL, '--image-size', '32', '-o', '{out}',
+                                  '--freeze-blocks', '99'], '--freeze-blocks 99 is more than the'),
+    'train --randaugment bogus': (['train', '--data', '{labeled}', '--model', MODEL, '-o', '{out}',
+                                   '--randaugment', 'bogus'], '--randaugment: '),
+    'label --rows-per-shard 0': (['label', '--teacher', '{model}', '--data', '{unl}', '-o', '{out}',
+                                  '--rows-per-shard', '0'], '--rows-per-shard must be at least 1, got 0'),
+    'label --rows-per-shard -5': (['label', '--teacher', '{model}', '--data', '{unl}', '-o', '{out}',
+                                   '--rows-per-shard', '-5'], '--rows-per-shard must be at least 1, got -5'),
+    'label output inside its input': (['label', '--teacher', '{model}', '--data', '{unl}', '-o', '{unl}/labels'],
+                                      'lies inside the unlabeled folder'),
+    'a look-alike letter in a model name': (['predict', '{img}', '--model', 'tf_efficientnet_bO_ns'],
+                                            'Did you mean: tf_efficientnet_b0_ns,'),
+    'a one-class image folder': (['train', '--data', '{one-class}', '--model', MODEL, '-o', '{out}'],
+                                 'with only one, it has no labels'),
+    'a moved relative path': (['train', '--data', '{rel-missing}', '--model', MODEL, '-o', '{out}'],
+                              'data path {rel-missing} does not exist'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_bad_input_is_one_right_line_with_exit_code_2(case, data_root, model_dir, bad_models, tmp_path, capsys,
+                                                      monkeypatch):
+    argv, expected = CASES[case]
+    one_class = bad_models['one-class'] / 'cats'
+    for f in sorted((data_root / 'unlabeled').iterdir())[:3]:
+        shutil.copy(f, one_class / f.name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'data').mkdir()
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=8)
+    paths = {k: str(v) for k, v in bad_models.items()}
+    paths.update(img=_image(data_root), model=str(model_dir), test=str(data_root / 'test'), unl=str(unl),
+                 labeled=str(data_root / 'labeled'), out=str(tmp_path / 'out'), **{'rel-missing': 'data/gone'})
+    argv = [a.format(**paths) for a in argv]
+    assert main(argv + (['--num-workers', '0'] if argv[0] in ('train', 'label', 'eval') else [])) == 2
+    assert expected.format(**paths) in _error_line(capsys.readouterr().err)
+    assert not (unl / 'labels').exists() and not (tmp_path / 'out').exists()  # nothing made before the error
+
+
+def test_a_missing_tracker_package_is_one_line_naming_it(data_root, tmp_path, capsys):
+    pytest.importorskip('accelerate')
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip('tensorboard is installed here')
+    except ImportError:
+        pass
+    assert main(_train(data_root, tmp_path / 'out', '--log-with', 'tensorboard')) == 2
+    assert '`pip install tensorboard`' in _error_line(capsys.readouterr().err)
+
+
+def _run_config(data_root, tmp_path, **extra) -> Path:
+    cfg = {'labeled': str(data_root / 'labeled'), 'unlabeled': str(data_root / 'unlabeled'),
+           'teacher': {'model': MODEL, 'epochs': 1, 'image_size': 32},
+           'students': [{'model': MODEL}, {'model': 'tf_efficientnet_b9_ns'}],
+           'train': {'batch_size': 8, 'num_workers': 0, 'min_steps': 0}, 'output': str(tmp_path / 'run'), **extra}
+    config = tmp_path / 'run.yaml'
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+@pytest.mark.parametrize('override,expected', [
+    ([], "students.1.model: unknown model 'tf_efficientnet_b9_ns'. Did you mean:"),
+    (['students.1.model=test_efficientnet', 'train.log_with=tensorbord'],
+     "train.log_with: unknown tracker 'tensorbord'"),
+    (['students.1.model=test_efficientnet', 'students.0.model=hf-hub:org/no-such-model'],
+     "students.0.model: model repo 'org/no-such-model' was not found on the Hub"),
+])
+def test_run_checks_every_stage_before_the_teacher_trains(override, expected, data_root, tmp_path, capsys,
+                                                          hub_server):
+    config = _run_config(data_root, tmp_path)
+    assert main(['run', str(config), *override]) == 2
+    assert expected in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_run_inside_its_data_is_refused(data_root, tmp_path, capsys):
+    config = _run_config(data_root, tmp_path)
+    assert main(['run', str(config), 'students.1.model=test_efficientnet', '-o',
+                 str(data_root / 'unlabeled' / 'run')]) == 2
+    assert 'lies inside the unlabeled folder' in _error_line(capsys.readouterr().err)
+    assert not (data_root / 'unlabeled' / 'run').exists()
+
+
+def test_hub_model_errors_name_the_repo_and_the_offline_switch(data_root, capsys, hub_server, monkeypatch):
+    repo = hub_server.unique_repo_id('missing')
+    assert main(['predict', _image(data_root), '--model', f'hf-hub:{repo}']) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f'hf-hub:{repo}' in line and 'not on the Hub' in line
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    assert main(['predict', _image(data_root), '--model', f'hf-hub:{repo}']) == 2
+    assert 'HF_HUB_OFFLINE is set' in _error_line(capsys.readouterr().err)
+
+
+def test_a_temporary_name_in_an_os_error_is_shown_as_the_path_given():
+    from timm_noisystudent.cli import _os_error
+    e = OSError(30, 'Read-only file system', '/srv/models/.export.tmp-x1y2z3/model.safetensors')
+    line = _os_error(e)
+    assert '/srv/models/export/model.safetensors' in line and '.tmp-' not in line
+
+
+def test_threshold_zero_gives_no_advice_to_lower_it(data_root, model_dir, tmp_path, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=16)
+    assert main(_label(model_dir, unl, tmp_path / 'labels')) == 0
+    assert 'lower the threshold' not in capsys.readouterr().err
+
+
+def test_fsdp_on_cpu_is_one_line_from_one_process(data_root, tmp_path):
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--use_fsdp', '--num_processes', '2',
+           '-m', 'timm_noisystudent', *_train(data_root, tmp_path / 'out')]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(ACCELERATE_USE_CPU='1'), timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith('error:')]
+    assert len(ours) == 1 and 'FSDP shards a model over accelerators' in ours[0] and '--multi_gpu' in ours[0]
+    assert 'RuntimeError' not in proc.stderr
+
+
+# --- 7. privacy and permissions ------------------------------------------------------------------------
+
+def test_push_private_to_an_existing_public_repo_is_refused(model_dir, hub_server, capsys):
+    repo = hub_server.unique_repo_id('public')
+    hub_server.create_repo('model', repo, private=False)
+    before = len(hub_server.commits('model', repo))
+    assert main(['push', str(model_dir), '--repo-id', repo, '--private']) == 2
+    assert 'exists and is public' in _error_line(capsys.readouterr().err)
+    assert len(hub_server.commits('model', repo)) == before
+    assert main(['push', str(model_dir), '--repo-id', repo]) == 0
+
+
+def test_pushed_stats_carry_no_local_paths(data_root, model_dir, hub_server, tmp_path, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=16)
+    labels = tmp_path / 'labels'
+    assert main(_label(model_dir, unl, labels)) == 0
+    repo = hub_server.unique_repo_id('labels')
+    assert main(['push-labels', str(labels), '--repo-id', repo]) == 0
+    files = hub_server.files('dataset', repo)
+    stats = json.loads(files['stats.json'])
+    text = files['stats.json'].decode()
+    assert str(tmp_path) not in text and '/tmp' not in text and str(Path.home()) not in text.replace('"/', '"')
+    assert stats['source']['path'] == 'unl' and stats['teacher']['spec'] == 'model'
+    assert 'resolved' not in stats['source'] and stats['source_identity']['rows'] == 16
+
+
+def test_an_export_follows_the_umask(model_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(['export', str(model_dir), str(tmp_path / 'exp')]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'exp').stat().st_mode & 0o777 == 0o755
+
+
+# --- also --------------------------------------------------------------------------------------------
+
+def test_every_flag_has_help():
+    import argparse
+    from timm_noisystudent.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f'{name} {action.option_strings or action.dest}' for name, p in sub.choices.items()
+               for action in p._actions if not action.help]
+    assert missing == []
+
+
+def test_labels_of_a_stream_are_checked_by_their_first_rows(data_root, model_dir, tmp_path, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=24)
+    other = tmp_path / 'other'
+    other.mkdir()
+    for i, f in enumerate(sorted((data_root / 'unlabeled').iterdir())[100:124]):
+        shutil.copy(f, other / sorted(p.name for p in unl.iterdir())[i])
+    assert main(_label(model_dir, unl, tmp_path / 'labels', '--streaming')) == 0
+    identity = json.loads((tmp_path / 'labels' / 'stats.json').read_text())['source_identity']
+    assert identity['rows'] == 24 and identity['head_sha256']
+    capsys.readouterr()
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'),
+                       '--unlabeled-data', str(other))) == 2
+    assert 'its images differ' in _error_line(capsys.readouterr().err)
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'),
+                       '--unlabeled-data', str(unl))) == 0

@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 import warnings
 from typing import List, Optional
@@ -18,6 +19,14 @@ def _print_main(text: str) -> None:
     # under `accelerate launch` every process runs the command; only one should talk
     if _is_main_process():
         print(text, flush=True)
+
+
+def _at_least(args, low: int, *names: str) -> None:
+    """Integer flags below their minimum are one-line errors, before anything loads."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
 
 
 def _cmd_models(args) -> None:
@@ -45,6 +54,7 @@ def _cmd_models(args) -> None:
 def _cmd_predict(args) -> None:
     from .models import load_model, predict
 
+    _at_least(args, 1, 'top_k')
     model = load_model(args.model, pretrained=not args.no_pretrained, checkpoint=args.checkpoint,
                        allow_pickle=args.allow_pickle)
     results = predict(model, args.images, top_k=args.top_k)
@@ -97,7 +107,17 @@ def _cmd_train(args) -> None:
     from .config import ModelStage
     from .engine import Preempted, train
 
+    _at_least(args, 1, 'image_size')
+    _at_least(args, 0, 'freeze_blocks')
     train_cfg, noise = _train_settings(args)
+    if args.randaugment is not None:
+        from .augment import NoiseSpecError, parse_noise_spec
+        try:
+            parse_noise_spec(args.randaugment)
+        except NoiseSpecError as e:
+            raise UserError(f'--randaugment: {e}') from None
+        if not args.pseudo:
+            warnings.warn('--randaugment is student noise; a teacher (no --pseudo) trains without it.')
     stage = ModelStage(model=args.model, pretrained=args.pretrained, epochs=train_cfg.epochs,
                        image_size=args.image_size)
     unlabeled = _source(args.unlabeled_data, args.unlabeled_split) if args.unlabeled_data else None
@@ -121,6 +141,8 @@ def _cmd_train(args) -> None:
 def _cmd_eval(args) -> None:
     from .engine import evaluate_model
 
+    _at_least(args, 1, 'batch_size', 'image_size')
+    _at_least(args, 0, 'num_workers')
     metrics = evaluate_model(args.model, _source(args.data, args.split, args.image_column, args.label_column),
                              batch_size=args.batch_size, image_size=args.image_size,
                              mixed_precision=args.mixed_precision, num_workers=args.num_workers,
@@ -141,6 +163,8 @@ def _cmd_label(args) -> None:
     from .engine import Preempted
     from .labeling import label
 
+    _at_least(args, 1, 'rows_per_shard', 'image_size')
+    _at_least(args, 0, 'num_workers')
     settings = {'soft': not args.hard, 'temperature': args.temperature, 'threshold': args.threshold,
                 'per_class': args.per_class, 'topk': args.topk, 'batch_size': args.batch_size,
                 'mixed_precision': args.mixed_precision}
@@ -201,7 +225,7 @@ def _add_push_args(p) -> None:
     p.add_argument('--private', action='store_true', help='create the repo private (an existing repo keeps its visibility)')
     p.add_argument('--revision', help='branch to push to (created from main if missing), or refs/pr/N')
     p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing to the branch')
-    p.add_argument('--commit-message')
+    p.add_argument('--commit-message', help='the commit message (default: one that names what is uploaded)')
     p.add_argument('--license', help="license in the card metadata (default: a model's own, else apache-2.0; "
                                      "'other' for pseudo labels)")
 
@@ -262,10 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_models)
 
     p = sub.add_parser('predict', help='top-k classes of images')
-    p.add_argument('images', nargs='+', metavar='IMAGE')
+    p.add_argument('images', nargs='+', metavar='IMAGE', help='image files to classify')
     p.add_argument('--model', '-m', required=True, help='timm name, hf-hub:org/name or a local model directory')
     p.add_argument('--checkpoint', help='safetensors weights to load on top of the model')
-    p.add_argument('--top-k', type=int, default=5)
+    p.add_argument('--top-k', type=int, default=5, help='classes to show per image (default 5)')
     p.add_argument('--json', action='store_true', help='print JSON instead of a table')
     p.add_argument('--no-pretrained', action='store_true', help='random weights for a timm name (for testing)')
     _add_allow_pickle(p)
@@ -279,30 +303,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', '-o', required=True, help='output directory (model/, metrics.json, checkpoints/)')
     p.add_argument('--pseudo', help='pseudo-label directory from `noisystudent label`: train a student')
     p.add_argument('--unlabeled-data', help='the unlabeled dataset the pseudo labels point at (default: from stats.json)')
-    p.add_argument('--unlabeled-split', default='train')
+    p.add_argument('--unlabeled-split', default='train', help='split of --unlabeled-data (default: train)')
     p.add_argument('--pretrained', action='store_true', help='start from the timm pretrained weights (new head)')
     p.add_argument('--init-from', metavar='MODEL_DIR',
                    help="start from this model directory's weights (same architecture), e.g. the teacher's")
     p.add_argument('--image-size', type=int, help='square input size (default: the model\'s own)')
-    p.add_argument('--epochs', type=int)
-    p.add_argument('--batch-size', type=int)
-    p.add_argument('--lr', type=float)
-    p.add_argument('--preset', choices=['small-data', 'paper'])
-    p.add_argument('--ema-decay', type=float)
+    p.add_argument('--epochs', type=int, help='passes over the data (default 30; see README, "What epochs mean")')
+    p.add_argument('--batch-size', type=int, help='labeled images per step (default 64)')
+    p.add_argument('--lr', type=float, help='peak learning rate (default: the preset\'s; small-data 6e-3)')
+    p.add_argument('--preset', choices=['small-data', 'paper'],
+                   help='optimizer recipe: small-data (AdamW, cosine; default) or paper (RMSProp-TF, step decay)')
+    p.add_argument('--ema-decay', type=float, help='EMA of the weights (default: from the run length)')
     p.add_argument('--randaugment', help="student input noise: 'none', 'rand-m9-n2-mstd0.5' or 'tf-m15-n2'")
-    p.add_argument('--dropout', type=float)
-    p.add_argument('--drop-path', type=float)
+    p.add_argument('--dropout', type=float, help='dropout before the classifier (default: the recipe, else 0.2)')
+    p.add_argument('--drop-path', type=float, help='stochastic depth (default: a student\'s recipe, else 0.2; a teacher 0)')
     p.add_argument('--unlabeled-ratio', type=int, help='pseudo-labeled images per labeled image in a batch')
-    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'])
-    p.add_argument('--grad-accum-steps', type=int)
+    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'],
+                   help='auto: bf16 (or fp16) on a GPU, fp32 on CPU (default auto)')
+    p.add_argument('--grad-accum-steps', type=int, help='batches per optimizer step (default 1)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
-    p.add_argument('--num-workers', type=int)
+    p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
     p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
     p.add_argument('--min-steps', type=int, help='train at least N steps, repeating short epochs (default 1000; 0: off)')
     p.add_argument('--max-steps', type=int, help='stop after N steps (smoke tests)')
     p.add_argument('--log-with', help='Accelerate tracker: tensorboard, wandb, ...')
     p.add_argument('--freeze-blocks', type=int, default=0, help='freeze the stem and the first N blocks')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the data order and the noise (default 0)')
     p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in --output')
     p.add_argument('--config', help='YAML with train: and noise: sections (flags override it)')
     _add_allow_pickle(p)
@@ -321,11 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--per-class', type=_per_class_arg, metavar='auto|none|N',
                    help='balance every class to N images; auto = the median class count (default)')
     p.add_argument('--topk', type=int, help='store the top-k probabilities instead of all (default: 10 above 100 classes)')
-    p.add_argument('--batch-size', type=int)
+    p.add_argument('--batch-size', type=int, help='images per forward pass (default 128)')
     p.add_argument('--image-size', type=int, help="the teacher's input size (default: its own data config)")
-    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'])
+    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'],
+                   help='auto: bf16 on a GPU or a CPU with fast bf16, else fp32 (default auto)')
     p.add_argument('--seed', type=int, default=0, help='seed of the duplication draw when balancing')
-    p.add_argument('--num-workers', type=int)
+    p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
     p.add_argument('--rows-per-shard', type=int, help='rows per output shard, the unit of resume')
     _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_label)
@@ -349,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_push_labels)
 
     p = sub.add_parser('run', help='the whole Noisy Student loop from a YAML config')
-    p.add_argument('config', metavar='CONFIG.yaml')
+    p.add_argument('config', metavar='CONFIG.yaml', help='the run config (see README, "The config")')
     p.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='override config keys: teacher.epochs=5')
     p.add_argument('--output', '-o', help='run directory (default: the config\'s output)')
     p.add_argument('--restart-from', metavar='STAGE', help='redo this stage and every later one (e.g. iter1-labels)')
@@ -365,25 +392,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('bench', help='labeling and student training speed against plain timm loops, side by side')
     p.add_argument('--n', type=int, default=2048, help='JPEGs to generate and label (default 2048)')
     p.add_argument('--model', '-m', default='tf_efficientnet_b0', help='timm name (random weights) or model directory')
-    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--batch-size', type=int, default=32, help='images per step (default 32)')
     p.add_argument('--image-size', type=int, help="square input size (default: the model's own)")
-    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='where to run (default cpu)')
     p.add_argument('--num-workers', type=int, help='DataLoader workers for every loop (default: the project default)')
     p.add_argument('--train-steps', type=int, default=4, help='timed training steps per loop (default 4)')
     p.add_argument('--workdir', help='keep the generated images here (and reuse them); default: a temp dir')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the generated images (default 0)')
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser('eval', help='top-1 and top-5 of a model on a labeled split')
-    p.add_argument('--model', '-m', required=True)
+    p.add_argument('--model', '-m', required=True, help='timm name, hf-hub:org/name or a local model directory')
     _add_data_args(p)
     p.set_defaults(split=None)
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--image-size', type=int)
-    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'], default='auto')
-    p.add_argument('--num-workers', type=int)
-    p.add_argument('--json', action='store_true')
+    p.add_argument('--batch-size', type=int, default=64, help='images per forward pass (default 64)')
+    p.add_argument('--image-size', type=int, help="square input size (default: the model's own)")
+    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'], default='auto',
+                   help='auto: bf16 on a GPU or a CPU with fast bf16, else fp32 (default auto)')
+    p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
+    p.add_argument('--json', action='store_true', help='print the metrics as JSON')
     _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_eval)
     return parser
@@ -396,7 +424,9 @@ _IN_THE_WAY = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
 def _os_error(e: OSError) -> str:
     """A failed read or write as one line that says what to do; atomic writers left no partial file."""
-    what = str(e.strerror or e).strip().splitlines()[0] + (f': {e.filename}' if e.filename else '')
+    # a writer's hidden temporary (.NAME.tmp-XXXX) is named as the path the user gave: NAME
+    shown = re.sub(r'(^|/)\.([^/]+)\.(tmp|old)-[^/]*', r'\1\2', os.fspath(e.filename)) if e.filename else ''
+    what = str(e.strerror or e).strip().splitlines()[0] + (f': {shown}' if shown else '')
     if e.errno in _NO_SPACE:
         hint = 'free some disk space, then run the same command again; finished work is kept'
     elif e.errno == errno.EFBIG:
@@ -419,6 +449,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         _default(message, category, filename, lineno, file, line)
 
 
+def _print_error(line: str) -> None:
+    # under `accelerate launch` every process meets the same error; one of them says it
+    if os.environ.get('RANK', '0') == '0':
+        print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -428,12 +464,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        _print_error(f'error: {e}')
         return 2
     except OSError as e:  # a full disk, a read-only or missing directory: the user's to fix
         if args.debug:
             raise
-        print(f'error: {_os_error(e)}', file=sys.stderr, flush=True)
+        _print_error(f'error: {_os_error(e)}')
         return 2
     except Exception as e:
         from .engine import Preempted

@@ -791,6 +791,7 @@ def output_lock(directory: Union[str, os.PathLike], state: Any = None) -> Iterat
     directory = Path(directory)
     main = state is None or state.is_main_process
     lock, problem = None, None
+    created = not directory.exists()
     if main:
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -813,6 +814,13 @@ def output_lock(directory: Union[str, os.PathLike], state: Any = None) -> Iterat
         raise UserError(problem)
     try:
         yield
+    except BaseException:
+        if lock is not None and created:  # a command that failed before writing anything leaves nothing
+            (directory / (LOCK_NAME + '.pid')).unlink(missing_ok=True)
+            if [p.name for p in directory.iterdir()] == [LOCK_NAME]:
+                (directory / LOCK_NAME).unlink(missing_ok=True)
+                directory.rmdir()
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -49,7 +49,10 @@ def load_source(source: SourceLike) -> Union[datasets.Dataset, datasets.Iterable
     path = Path(source.path).expanduser()
     if _is_saved_dataset(path):
         return _split_of(datasets.load_from_disk(str(path)), source.split)
-    looks_local = source.path.startswith(('.', '/', '~')) or path.exists()
+    # a Hub id is ORG/NAME; more parts, or a first part that is a local folder, is a local path
+    parts = source.path.split('/')
+    looks_local = (source.path.startswith(('.', '/', '~')) or path.exists() or len(parts) > 2
+                   or (len(parts) == 2 and Path(parts[0]).is_dir()))
     if looks_local and not path.exists():
         raise UserError(f'data path {source.path} does not exist.')
     try:
@@ -75,7 +78,7 @@ def load_source(source: SourceLike) -> Union[datasets.Dataset, datasets.Iterable
         if 'corresponds to no data' in str(e):
             raise UserError(f'split {source.split!r} of {source.path} holds no rows; '
                             'check the path and the split.') from e
-        if 'split' in str(e).lower() or 'instruction' in str(e).lower():
+        if any(w in str(e).lower() for w in ('split', 'instruction', 'slice')):
             raise UserError(f'bad split {source.split!r} for {source.path}: {_first_line(e)}') from e
         raise
 
@@ -140,7 +143,8 @@ def label_column_of(ds, override: Optional[str] = None) -> str:
         name = next((c for c in LABEL_COLUMNS if c in columns), None)
         name = name or next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
         if name is None:
-            raise UserError(f'no label column found; the columns are: {", ".join(columns)}. Set label_column.')
+            raise UserError(f'no label column found; the columns are: {", ".join(columns)}. Set label_column, or '
+                            'for an image folder give it one subfolder per class: with only one, it has no labels.')
     feature = features.get(name)
     if isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string'):
         raise UserError(
@@ -178,65 +182,87 @@ def check_labels(ds, label_column: str, num_classes: int, what: str = 'labeled')
             'drop unlabeled rows (-1) or fix the class count.')
 
 
+def check_output_outside(output: Union[str, os.PathLike], source: Any, what: str) -> None:
+    """An output directory inside a local input folder would be read back as input: refuse it."""
+    source = as_source(source) if source is not None else None
+    if not isinstance(source, DataSource):
+        return
+    root = Path(source.path).expanduser()
+    if not root.is_dir():
+        return
+    out, root = Path(output).expanduser().resolve(), root.resolve()
+    if out == root or root in out.parents:
+        raise UserError(f'the output {output} lies inside the {what} folder {source.path}, so its files would be '
+                        'read as data; choose an output outside it.')
+
+
 IDENTITY_SAMPLE = 16  # rows whose bytes go into a source's identity
 
 
-def source_identity(ds, image_column: str, source: Optional[SourceLike] = None) -> Optional[Dict[str, Any]]:
+def source_identity(ds, image_column: str, source: Optional[SourceLike] = None) -> Dict[str, Any]:
     """What proves that a later load is the set that was labeled, row for row.
 
     The row count, a hash of every row's file name (relative to a local source's folder, so a
-    moved copy still matches) and a hash of the bytes of a few rows spread over the set, plus
-    where it came from (a resolved local path or the Hub id). None for a stream.
+    moved copy still matches), a hash of the bytes of a few rows spread over the set and one of
+    its first rows, plus where it came from (a resolved local path or the Hub id). A stream has
+    no stable fingerprint and no length: its identity is the hash of its first rows, and the
+    labeler adds the row count when it has seen them all.
     """
-    if isinstance(ds, datasets.IterableDataset):
-        return None
-    root = None
-    where = None
+    where, root = None, None
     source = as_source(source) if source is not None else None
     if isinstance(source, DataSource):
         path = Path(source.path).expanduser()
         if path.exists():
-            root = str(path.resolve())
-            where = root
+            root = where = str(path.resolve())
         else:
             where = source.path
+    plain = undecoded(ds.select_columns([image_column]), image_column)
+    if isinstance(ds, datasets.IterableDataset):
+        import itertools
+        head = [row[image_column] for row in itertools.islice(iter(plain), IDENTITY_SAMPLE)]
+        return {'where': where, 'rows': None, 'head_sha256': _bytes_hash(head)}
     n = len(ds)
-    column = undecoded(ds.select_columns([image_column]), image_column).with_format('arrow')[:].column(0)
+    column = plain.with_format('arrow')[:].column(0)
     names = hashlib.sha256()
-    if pa.types.is_struct(column.type):
-        paths = pc.struct_field(column, 'path').to_pylist()
-    else:
-        paths = [None] * n
+    paths = pc.struct_field(column, 'path').to_pylist() if pa.types.is_struct(column.type) else [None] * n
     prefix = root + os.sep if root else None
     for p in paths:
         p = p or ''
         if prefix and p.startswith(prefix):
             p = p[len(prefix):]
         names.update(p.encode('utf-8', 'surrogateescape') + b'\0')
-    sample = hashlib.sha256()
     picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(IDENTITY_SAMPLE, n))}) if n else []
-    plain = undecoded(ds.select_columns([image_column]), image_column)
-    for i in picks:
-        value = plain[i][image_column]
+    return {'where': where, 'rows': n, 'names_sha256': names.hexdigest()[:16],
+            'sample_sha256': _bytes_hash([plain[i][image_column] for i in picks]),
+            'head_sha256': _bytes_hash([plain[i][image_column] for i in range(min(IDENTITY_SAMPLE, n))])}
+
+
+def _bytes_hash(values: Sequence[Any]) -> str:
+    """sha256 over the encoded bytes of image values (embedded bytes, else the file's)."""
+    digest = hashlib.sha256()
+    for value in values:
         data = value.get('bytes') if isinstance(value, dict) else None
         if data is None and isinstance(value, dict) and value.get('path'):
             try:
                 data = Path(value['path']).read_bytes()
             except OSError:
                 data = b''
-        sample.update(hashlib.sha256(data or b'').digest())
-    return {'where': where, 'rows': n, 'names_sha256': names.hexdigest()[:16],
-            'sample_sha256': sample.hexdigest()[:16]}
+        digest.update(hashlib.sha256(data or b'').digest())
+    return digest.hexdigest()[:16]
 
 
 def identity_mismatch(then: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
-    """Why two identities are not the same rows, or None when they are."""
-    if then.get('rows') != now.get('rows'):
-        return f'it has {now.get("rows")} rows, and {then.get("rows")} when it was labeled'
-    if then.get('names_sha256') != now.get('names_sha256'):
+    """Why two identities are not the same rows, or None when they are (only what both record counts)."""
+    def both(key):
+        return then.get(key) is not None and now.get(key) is not None
+
+    if both('rows') and then['rows'] != now['rows']:
+        return f'it has {now["rows"]} rows, and {then["rows"]} when it was labeled'
+    if both('names_sha256') and then['names_sha256'] != now['names_sha256']:
         return 'its files are not the ones that were labeled (names or order differ)'
-    if then.get('sample_sha256') != now.get('sample_sha256'):
-        return 'its images differ from the ones that were labeled'
+    for key in ('sample_sha256', 'head_sha256'):
+        if both(key) and then[key] != now[key]:
+            return 'its images differ from the ones that were labeled'
     return None
 
 

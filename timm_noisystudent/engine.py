@@ -7,6 +7,7 @@ ratio*B pseudo-labeled images, so BatchNorm sees the mix.
 """
 import ctypes
 import json
+import difflib
 import math
 import os
 import platform
@@ -187,7 +188,14 @@ def make_accelerator(mixed_precision: str = 'no', seed: int = 0, **kwargs) -> Ac
         AcceleratorState._reset_state(reset_partial_state=False)
     process_state()
     config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
+    try:
+        accelerator = Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
+    except RuntimeError as e:
+        if parse_flag_from_env('ACCELERATE_USE_FSDP') and 'no available devices' in str(e):
+            raise UserError('FSDP shards a model over accelerators (CUDA, XPU, NPU, ...) and this machine has '
+                            'none; on CPU launch without --use_fsdp, e.g. ACCELERATE_USE_CPU=1 accelerate launch '
+                            '--multi_gpu --num_processes 2 ...') from None
+        raise
     if accelerator.device.type == 'cpu':
         keep_freed_memory()
     return accelerator
@@ -317,7 +325,7 @@ def check_pairing(pseudo_dir: Path, stats: Dict[str, Any], ds, image_column: str
                       'the pairing of its labels with the unlabeled images is not checked.', stacklevel=2)
         return
     now = source_identity(ds, image_column, source)
-    why = identity_mismatch(then, now or {})
+    why = identity_mismatch(then, now)
     if why is None:
         return
     shown = getattr(as_source(source), 'path', None) or 'the given dataset'
@@ -422,6 +430,31 @@ def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def _latest_checkpoint(root: Path) -> Optional[Path]:
     done = [d for d in _checkpoint_dirs(root) if (d / 'trainer_state.json').is_file()]
     return done[-1] if done else None
+
+
+def check_trackers(log_with: Any, key: str = '--log-with') -> None:
+    """Every tracker named is one Accelerate knows and whose package is installed; one line otherwise."""
+    if not log_with:
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = log_with if isinstance(log_with, (list, tuple)) else str(log_with).split(',')
+    known = [t for t in LoggerType.list() if t != 'all']
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if not isinstance(name, str):
+            continue  # a GeneralTracker instance
+        name = name.strip()
+        if name == 'all':
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            raise UserError(f'{key}: unknown tracker {name!r}; Accelerate knows {", ".join(known)}{hint}')
+        if name not in available:
+            raise UserError(f'{key}: the tracker {name!r} needs its package; `pip install {name}`, '
+                            'or drop the tracker.')
 
 
 def _resume_from(accelerator, ema, root: Path) -> Optional[Path]:
@@ -559,6 +592,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     noise = noise or NoiseConfig()
     student = pseudo is not None
     spec = resolve_stage(stage, train_cfg, noise, student)
+    check_trackers(train_cfg.log_with)
     output = Path(output)
     accelerator = make_accelerator(
         resolve_precision(train_cfg.mixed_precision, 'train'), seed=seed,
@@ -822,6 +856,9 @@ def _freeze_early_blocks(model, n_blocks: int) -> None:
         if name in ('conv_stem', 'bn1'):
             module.requires_grad_(False)
     blocks = getattr(model, 'blocks', [])
+    if n_blocks > len(blocks):
+        raise UserError(f'--freeze-blocks {n_blocks} is more than the {len(blocks)} blocks of this model; '
+                        f'use 0 to {len(blocks)}.')
     for block in list(blocks)[:n_blocks]:
         block.requires_grad_(False)
 

@@ -13,6 +13,7 @@ whole folder as one ``upload_folder`` commit. The token is huggingface_hub's (``
 login); it is handed to the client and never printed or written.
 """
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -709,6 +710,7 @@ def export(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an export is shared like any copied directory
     try:
         if state is None:
             _put(weights, tmp / 'model.safetensors', _link)
@@ -730,6 +732,12 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _is_bare(source: ModelSource) -> bool:
@@ -863,6 +871,15 @@ def _api(token: Optional[str]) -> HfApi:
 
 def _prepare_repo(api: HfApi, repo_id: str, repo_type: str, private: bool, revision: Optional[str]) -> str:
     """Create the repo (and a missing branch); return the repo id the Hub resolved."""
+    if private:
+        from huggingface_hub.errors import RepositoryNotFoundError
+        try:
+            info = api.repo_info(repo_id, repo_type=repo_type)
+        except RepositoryNotFoundError:
+            info = None
+        if info is not None and not info.private:
+            raise UserError(f'{repo_id} exists and is public, and --private applies only to a new repo, so this push '
+                            'would be public; make the repo private on the Hub first, or push without --private.')
     repo_id = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True).repo_id
     if revision is not None and not _REF.match(revision) and revision != 'main':
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
@@ -998,13 +1015,42 @@ def push_labels(
             (folder / 'data').mkdir()
             for f in files:
                 _put(f, folder / 'data' / f.name, link=True)
-            for name in ('stats.json', 'confidence.png'):
-                if (labels_dir / name).is_file():
-                    _put(labels_dir / name, folder / name, link=True)
+            if (labels_dir / 'confidence.png').is_file():
+                _put(labels_dir / 'confidence.png', folder / 'confidence.png', link=True)
+            stats = json.loads((labels_dir / 'stats.json').read_text())
+            (folder / 'stats.json').write_text(json.dumps(portable_stats(stats), indent=2), encoding='utf-8')
             (folder / 'README.md').write_text(str(card), encoding='utf-8')
             return api.upload_folder(
                 repo_id=repo_id, repo_type='dataset', folder_path=folder, revision=revision,
                 create_pr=create_pr, commit_message=commit_message or 'Upload Noisy Student pseudo labels')
+
+
+def _public_ref(value: Any) -> Any:
+    """A Hub id or timm name as it is; a local path by its last part only."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith('hf-hub:'):
+        return value
+    path = Path(value).expanduser()
+    if value.startswith(('.', '/', '~')) or path.exists() or value.count('/') > 1:
+        return path.name
+    return value
+
+
+def portable_stats(stats: Dict[str, Any]) -> Dict[str, Any]:
+    """A label directory's stats.json for the Hub: no local absolute paths, names only."""
+    out = copy.deepcopy(stats)
+    source = out.get('source')
+    if isinstance(source, dict):
+        source.pop('resolved', None)
+        source['path'] = _public_ref(source.get('path'))
+    identity = out.get('source_identity')
+    if isinstance(identity, dict):
+        identity['where'] = _public_ref(identity.get('where'))
+    teacher = out.get('teacher')
+    if isinstance(teacher, dict):
+        teacher['spec'] = _public_ref(teacher.get('spec'))
+    return out
 
 
 # --- the cards of the ten registered variants ----------------------------------------------------

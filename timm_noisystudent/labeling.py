@@ -46,7 +46,7 @@ from .config import (
 )
 from .data import (
     EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of, num_workers_for,
-    load_source, source_identity, undecoded,
+    check_output_outside, load_source, source_identity, undecoded,
 )
 from .engine import (  # Accelerator, signal and thread helpers only
     Preempted, _StopFlag, cpu_threads, make_accelerator, process_state, resolve_precision, torch_threads,
@@ -565,6 +565,7 @@ def label(
     re-selects without labeling. SIGTERM/SIGINT stop it at the next batch with ``engine.Preempted``;
     the finished shards are kept for the rerun. ``allow_pickle``: see ``models.load_model``.
     """
+    check_output_outside(output, os.fspath(source) if isinstance(source, os.PathLike) else source, 'unlabeled')
     with output_lock(output, process_state()):  # one process writes a label directory
         return _label(teacher, source, output, cfg, seed=seed, num_workers=num_workers, progress=progress,
                       image_size=image_size, rows_per_shard=rows_per_shard, allow_pickle=allow_pickle)
@@ -601,14 +602,15 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
     if num_rows is None:
         split_info = (ds.info.splits or {}).get(str(ds.split)) if ds.split else None
         num_rows = getattr(split_info, 'num_examples', None) or None
+    if rows_per_shard is not None and rows_per_shard < 1:
+        raise UserError(f'rows_per_shard must be at least 1, got {rows_per_shard}')
     rows_per_shard = rows_per_shard or 32 * cfg.batch_size
-    rows_per_shard = cfg.batch_size * max(1, math.ceil(rows_per_shard / cfg.batch_size))
     fingerprint = None if streaming else getattr(ds, '_fingerprint', None)
     identity = source_identity(ds, image_col, src)
     record = _source_record(src)
     if record is not None:
         record['image_column'] = image_col
-        if identity and identity['where'] != record['path']:
+        if identity['where'] != record['path']:
             record['resolved'] = identity['where']  # another working directory must not find another folder
 
     raw = output / 'raw'
@@ -650,6 +652,8 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
     if main:
         stats = _finish(output, cfg, seed, num_classes, topk, label_names_of(model), precision, record, fingerprint,
                         spec, manifest['teacher_sha256'], data_config, world, rows_per_shard)
+        if identity.get('rows') is None:  # a stream: its length is known now that it was read whole
+            identity = dict(identity, rows=stats['rows_labeled'] + stats['failed_count'])
         stats['source_identity'] = identity
         stats['rows_labeled_now'] = done_all
         stats['rows_resumed'] = stats['rows_labeled'] + stats['failed_count'] - done_all

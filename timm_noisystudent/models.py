@@ -6,6 +6,7 @@ shim that warns. Here the ``*_ns`` names become first-class entrypoints again: t
 canonical timm architecture with timm's own ``ns_jft_in1k`` pretrained cfg, so weights come
 from the same Hub repos and exports name the canonical architecture.
 """
+import contextlib
 import difflib
 import json
 import os
@@ -203,9 +204,95 @@ def count_params(model_name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+_LOOKALIKE = str.maketrans({'o': '0', 'l': '1', 'i': '1'})
+
+
 def _suggest_models(name: str) -> str:
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    # letters typed for the digits they look like (bO for b0) count as the digit
+    def plain(text: str) -> str:
+        return text.lower().translate(_LOOKALIKE)
+
+    names = timm.list_models()
+    by_plain: Dict[str, List[str]] = {}
+    for n in names:
+        by_plain.setdefault(plain(n), []).append(n)
+    close = [n for p in difflib.get_close_matches(plain(name), list(by_plain), n=3, cutoff=0.6)
+             for n in by_plain[p]][:3]
     return f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()`."
+
+
+@contextlib.contextmanager
+def _hub_download_errors(spec: str):
+    """The Hub's errors while fetching a model's weights, as one line that names the repo and the fix."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+    try:
+        yield
+    except GatedRepoError:
+        raise UserError(f'the weights of {spec} are gated on the Hub; accept the terms on its page and log in '
+                        '(HF_TOKEN or `hf auth login`).') from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise UserError(f'the weights of {spec} are not on the Hub ({constants.ENDPOINT}): repo not found; '
+                        f'check the id, or log in for a private repo.') from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f'the weights of {spec} are not in the local cache and HF_HUB_OFFLINE is set; unset '
+                            'it to download them once, or point HF_HOME at a cache that holds them.') from None
+        raise UserError(f'cannot download the weights of {spec}: the Hub ({constants.ENDPOINT}) cannot be reached '
+                        'and they are not cached; check the network, or set HF_HUB_OFFLINE=1 with a cache that '
+                        'holds them.') from None
+
+
+def check_model_name(spec: str) -> None:
+    """A timm name is one timm knows, and an ``hf-hub:`` id exists where the Hub can be asked; else one line.
+
+    Directories are checked when they are loaded: a run's later stages make their own.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith('hf-hub:'):
+        from huggingface_hub import constants, model_info
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+        repo, _, revision = spec[len('hf-hub:'):].partition('@')
+        if constants.HF_HUB_OFFLINE:
+            return  # the cache decides when it is loaded
+        try:
+            model_info(repo, revision=revision or None)
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise UserError(f'model repo {repo!r}{"@" + revision if revision else ""} was not found on the Hub '
+                            f'({constants.ENDPOINT}); check the id, or log in for a private repo.') from None
+        except Exception:  # noqa: BLE001 - unreachable now; loading it later says why
+            return
+        return
+    path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
+    if spec.startswith('local-dir:') or os.sep in spec or path.exists():
+        return
+    if not timm.is_model(spec):
+        raise UserError(f'unknown model {spec!r}.' + _suggest_models(spec))
+
+
+def _check_model_dir(path: Path) -> None:
+    """A model directory's config.json parses and names a known architecture; its safetensors header reads."""
+    try:
+        config = json.loads((path / 'config.json').read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f'{path / "config.json"} is not valid JSON ({e}); export the model again.') from None
+    arch = config.get('architecture') if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(arch, str):
+        raise UserError(f'{path / "config.json"} names no architecture; export the model again.')
+    if not timm.is_model(arch):
+        raise UserError(f'{path / "config.json"} names the architecture {arch!r}, which this timm '
+                        f'({timm.__version__}) does not know.' + _suggest_models(arch))
+    weights = path / 'model.safetensors'
+    if weights.is_file():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(weights), framework='pt') as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a cut or foreign file
+            raise UserError(f'{weights} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
+                            'it may be cut short: export or copy the model again.') from None
 
 
 def is_model_dir(path: Path) -> bool:
@@ -250,12 +337,14 @@ def load_model(
     spec = os.fspath(spec)
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
     if spec.startswith('hf-hub:'):
-        model = timm.create_model(spec, pretrained=True, **kwargs)
+        with _hub_download_errors(spec):
+            model = timm.create_model(spec, pretrained=True, **kwargs)
     elif spec.startswith('local-dir:') or is_model_dir(path):
         if not is_model_dir(path):
             raise UserError(f'{path} is not a model directory (no config.json); pass a timm name, '
                             'hf-hub:org/name or a directory written by `noisystudent export`.')
         _check_weights_file(path, allow_pickle)
+        _check_model_dir(path)
         try:
             model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
         except RuntimeError as e:  # timm's weights_only=True load refused a pickle holding more than tensors
@@ -268,7 +357,8 @@ def load_model(
     else:
         if not timm.is_model(spec):
             raise UserError(f'unknown model {spec!r}.' + _suggest_models(spec))
-        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+        with _hub_download_errors(spec):
+            model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     if checkpoint is not None:
         load_weights(model, checkpoint, allow_pickle=allow_pickle)
     return model

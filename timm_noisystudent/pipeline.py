@@ -20,9 +20,9 @@ from .config import (
     ModelStage, RunConfig, UserError, atomic_path, config_from_dict, config_hash, config_to_dict, save_config,
     output_lock, stage_epochs, write_json_atomic, write_text_atomic,
 )
-from .engine import Preempted, process_state, train
+from .engine import Preempted, check_trackers, process_state, train
 from .labeling import label
-from .models import architecture_of, count_params
+from .models import architecture_of, check_model_name, count_params
 
 __all__ = ['run', 'stage_names', 'format_summary', 'students_beat_teachers', 'write_demo_data', 'demo_config']
 
@@ -147,6 +147,17 @@ def _check_before_training(cfg: RunConfig) -> None:
         try:
             parse_noise_spec(spec)
         except NoiseSpecError as e:
+            raise UserError(f'{key}: {e}') from None
+    check_trackers(cfg.train.log_with, 'train.log_with')
+    from .data import check_output_outside
+    for what in ('labeled', 'unlabeled', 'eval', 'validation'):
+        check_output_outside(cfg.output, getattr(cfg, what), what)
+    stages = [('teacher.model', cfg.teacher.model)] + [(f'students.{i}.model', s.model)
+                                                       for i, s in enumerate(cfg.students)]
+    for key, model in stages:
+        try:
+            check_model_name(model)
+        except UserError as e:
             raise UserError(f'{key}: {e}') from None
     if cfg.hub.repo_id:
         from huggingface_hub import get_token
