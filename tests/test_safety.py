@@ -515,3 +515,67 @@ def test_labels_of_a_stream_are_checked_by_their_first_rows(data_root, model_dir
     assert 'its images differ' in _error_line(capsys.readouterr().err)
     assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'),
                        '--unlabeled-data', str(unl))) == 0
+
+
+# --- issue 14: sources resolved once, image folders listed at scandir speed ------------------------
+
+def _folder_as_datasets_reads_it(path):
+    import datasets
+    return datasets.load_dataset(str(path), split='train')
+
+
+def test_the_folder_index_reads_a_folder_as_datasets_does(data_root, tmp_path):
+    from timm_noisystudent.data import load_source
+    root = tmp_path / 'nested'
+    for cls in ('cat', 'dog', 'eel'):
+        (root / cls).mkdir(parents=True)
+    files = sorted((data_root / 'unlabeled').iterdir())
+    for i, f in enumerate(files[:9]):
+        shutil.copy(f, root / ('cat', 'dog', 'eel')[i % 3] / f'{i:03d}{".PNG" if i == 4 else ".png"}')
+    (root / 'cat' / '.hidden.png').write_bytes(files[10].read_bytes())
+    (root / 'dog' / 'notes.md').write_text('not an image')
+    ours = load_source(str(root))
+    theirs = _folder_as_datasets_reads_it(root)
+    assert str(ours.features) == str(theirs.features) and len(ours) == len(theirs) == 9
+    assert ours['label'] == theirs['label']
+    import datasets
+    paths = lambda ds: [v['path'] for v in ds.cast_column('image', datasets.Image(decode=False))['image']]  # noqa
+    assert paths(ours) == paths(theirs)
+    sliced = load_source({'path': str(root), 'split': 'train[2:5]'})
+    assert paths(sliced) == paths(theirs)[2:5]
+
+
+def test_a_file_name_with_a_newline_is_listed(data_root, tmp_path, model_dir, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=8)
+    shutil.copy(sorted((data_root / 'unlabeled').iterdir())[20], unl / 'odd\nname.png')
+    assert main(_label(model_dir, unl, tmp_path / 'labels')) == 0
+    assert 'labeled 9 images (0 undecodable' in capsys.readouterr().out
+
+
+def test_a_folder_with_metadata_is_read_by_datasets(data_root, tmp_path):
+    from timm_noisystudent.data import load_source
+    root = _unlabeled_copy(data_root, tmp_path / 'meta', n=4)
+    names = sorted(p.name for p in root.iterdir())
+    (root / 'metadata.csv').write_text('file_name,caption\n' + ''.join(f'{n},c{i}\n' for i, n in enumerate(names)))
+    ds = load_source(str(root))
+    assert 'caption' in ds.column_names and len(ds) == 4
+
+
+def test_a_run_resolves_each_source_once(data_root, tmp_path):
+    from timm_noisystudent import data
+    data.RESOLUTIONS.clear()
+    cfg = {
+        'labeled': str(data_root / 'labeled'), 'unlabeled': str(_unlabeled_copy(data_root, tmp_path / 'unl', 32)),
+        'eval': str(data_root / 'test'),
+        'teacher': {'model': MODEL, 'epochs': 1, 'image_size': 32},
+        'students': [{'model': MODEL, 'epochs': 1}, {'model': MODEL, 'epochs': 1}],
+        'labels': {'threshold': 0.0, 'batch_size': 8, 'mixed_precision': 'no'},
+        'train': {'batch_size': 8, 'num_workers': 0, 'mixed_precision': 'no', 'min_steps': 0},
+        'output': str(tmp_path / 'run'),
+    }
+    (tmp_path / 'run.yaml').write_text(yaml.safe_dump(cfg))
+    assert main(['run', str(tmp_path / 'run.yaml'), '--no-progress']) == 0
+    counts = {key[0]: n for key, n in data.RESOLUTIONS.items()}
+    assert counts == {cfg['labeled']: 1, cfg['unlabeled']: 1, cfg['eval']: 1}  # 5 stages, 3 sources, 3 resolutions
+    index = tmp_path / 'run' / 'sources' / 'unlabeled'
+    assert json.loads((index / 'source.json').read_text())['rows'] == 32

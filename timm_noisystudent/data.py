@@ -5,11 +5,15 @@ a ``save_to_disk`` directory, or a ``datasets.Dataset``. Images stay encoded unt
 made: the image column is cast to ``Image(decode=False)`` and decoded in the lazy transform, so
 one broken file is skipped and counted instead of stopping a run.
 """
+import collections
+import dataclasses
 import hashlib
 import io
+import json
 import os
 import random
 import re
+import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,11 +45,177 @@ def as_source(source: SourceLike) -> Union[DataSource, datasets.Dataset, dataset
     raise UserError(f'cannot use {type(source).__name__} as a data source; pass a path, a Hub id or a Dataset.')
 
 
+# --- sources, resolved once ----------------------------------------------------------------------
+
+RESOLUTIONS: collections.Counter = collections.Counter()  # (path, name, split, streaming) -> times resolved
+_RESOLVED: Optional[Dict[tuple, Any]] = None  # while a run holds its sources: their datasets, by key
+
+
+def _key(source: DataSource) -> tuple:
+    return (source.path, source.name, source.split, bool(source.streaming))
+
+
+@contextmanager
+def sources_of_run(index_root: Union[str, os.PathLike], sources: Dict[str, Any], state=None):
+    """Resolve each source once for a whole run; every ``load_source`` of it inside gives that dataset.
+
+    An image folder is listed once (``os.scandir``, no per-file work) into an index saved under
+    ``index_root/NAME`` (``save_to_disk``: the file list, the labels, ``source.json``), which every
+    process then opens memory-mapped. Other sources go through ``datasets`` once each. The index is
+    made again by each ``run`` invocation, so a folder changed since the last one is seen, and the
+    pairing check of ``engine.check_pairing`` then refuses labels made before the change.
+    """
+    global _RESOLVED
+    main = state is None or state.is_main_process
+    resolved: Dict[tuple, Any] = {}
+    indexed: Dict[Path, str] = {}  # folder -> the index that lists it (two splits of one folder share it)
+    index_root = Path(index_root)
+    for name, source in sources.items():
+        source = as_source(source) if source is not None else None
+        if not isinstance(source, DataSource) or source.streaming or _key(source) in resolved:
+            continue
+        folder = _plain_image_folder(source)
+        if folder is None:
+            continue
+        folder = folder.resolve()
+        if folder in indexed:
+            if (index_root / indexed[folder]).is_dir():
+                RESOLUTIONS[_key(source)] += 1
+                resolved[_key(source)] = _folder_split(datasets.load_from_disk(str(index_root / indexed[folder])),
+                                                       source)
+            continue
+        indexed[folder] = name
+        if main:
+            try:
+                ds = _index_image_folder(folder)
+            except _NotPlain:
+                ds = None
+            (index_root / f'{name}.skipped').unlink(missing_ok=True)
+            if ds is None:
+                index_root.mkdir(parents=True, exist_ok=True)
+                (index_root / f'{name}.skipped').write_text('read by datasets\n')
+        if main and ds is not None:
+            from .config import replace_dir
+            tmp = index_root / f'.{name}.tmp'
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds.save_to_disk(str(tmp))
+            (tmp / 'source.json').write_text(json.dumps({'source': dataclasses.asdict(source), 'rows': len(ds),
+                                                         'folder': str(folder)}, indent=2))
+            replace_dir(tmp, index_root / name)
+        if state is not None:
+            state.wait_for_everyone()
+        if (index_root / f'{name}.skipped').is_file():
+            continue  # datasets reads it, once, at its first load_source below
+        RESOLUTIONS[_key(source)] += 1
+        resolved[_key(source)] = _folder_split(datasets.load_from_disk(str(index_root / name)), source)
+    before, _RESOLVED = _RESOLVED, resolved
+    try:
+        yield
+    finally:
+        _RESOLVED = before
+
+
+def _plain_image_folder(source: DataSource) -> Optional[Path]:
+    """The folder, when a source is an image folder that the scandir index reads exactly as
+    ``datasets`` does: no metadata file, no split-named folder or file, no other data files."""
+    path = Path(source.path).expanduser()
+    if source.name or not path.is_dir() or _is_saved_dataset(path):
+        return None
+    return path
+
+
+_SPLIT_WORDS = tuple(w for words in datasets.data_files.SPLIT_KEYWORDS.values() for w in words)
+_DATA_FILE_SUFFIXES = ('.parquet', '.arrow', '.csv', '.json', '.jsonl', '.tsv', '.txt', '.tar', '.zip', '.gz')
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
+    """An image folder as ``load_dataset('imagefolder')`` would give it, listed with ``os.scandir``.
+
+    Files are ordered by path, hidden ones (``.`` or ``__``) are skipped, a ``label`` ClassLabel
+    comes from the parent folder names when there are two or more at one depth. Raises
+    ``_NotPlain`` for folders that ``datasets`` reads in other ways (metadata files, split names).
+    """
+    from tqdm.auto import tqdm
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    metadata = set(getattr(ImageFolder, 'METADATA_FILENAMES', ('metadata.csv', 'metadata.jsonl', 'metadata.parquet')))
+    root = root.resolve()
+    paths: List[str] = []
+    bar = tqdm(desc=f'indexing {root.name}', unit='files', disable=not progress, leave=False, dynamic_ncols=True)
+    stack = [(str(root), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(('.', '__')):
+                    continue
+                low = name.lower()
+                if depth < 2 and low.startswith(_SPLIT_WORDS):
+                    raise _NotPlain(f'{entry.path} looks like a split name')
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, depth + 1))
+                elif name in metadata or low.endswith(_DATA_FILE_SUFFIXES):
+                    raise _NotPlain(f'{entry.path} is a metadata or data file')
+                elif os.path.splitext(low)[1] in extensions:
+                    paths.append(entry.path)
+        bar.update(len(paths) - bar.n)
+    bar.close()
+    if not paths:
+        raise UserError(f'no images or data files found in {root}.')
+    paths.sort()
+    arr = pa.array(paths, pa.string())
+    images = pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), arr], names=['bytes', 'path'])
+    columns = {'image': images}
+    features = {'image': datasets.Image()}
+    dirs = [os.path.dirname(p) for p in paths]
+    depths = {d.count(os.sep) for d in set(dirs)}
+    names = sorted({os.path.basename(d) for d in set(dirs)})
+    if len(names) > 1 and len(depths) == 1:
+        lookup = {n: i for i, n in enumerate(names)}
+        columns['label'] = pa.array([lookup[os.path.basename(d)] for d in dirs], pa.int64())
+        features['label'] = datasets.ClassLabel(names=names)
+    table = pa.table(columns)
+    return datasets.Dataset(datasets.table.InMemoryTable(table),
+                            info=datasets.DatasetInfo(features=datasets.Features(features)))
+
+
+def _folder_split(ds: datasets.Dataset, source: DataSource) -> datasets.Dataset:
+    name = re.split(r'[\[+]', source.split, maxsplit=1)[0]
+    if name != 'train':
+        raise UserError(f'bad split {source.split!r} for {source.path}: Unknown split "{name}". '
+                        "Should be one of ['train'].")
+    return _split_of(ds, source.split)
+
+
 def load_source(source: SourceLike) -> Union[datasets.Dataset, datasets.IterableDataset]:
-    """The dataset split that a source names, not yet decoded."""
+    """The dataset split that a source names, not yet decoded.
+
+    Inside ``sources_of_run`` a source the run resolved comes back as that same dataset.
+    """
     source = as_source(source)
     if not isinstance(source, DataSource):
         return source
+    if _RESOLVED is None:
+        return _resolve(source)
+    if _key(source) not in _RESOLVED:
+        _RESOLVED[_key(source)] = _resolve(source)
+    return _RESOLVED[_key(source)]
+
+
+def _resolve(source: DataSource) -> Union[datasets.Dataset, datasets.IterableDataset]:
+    RESOLUTIONS[_key(source)] += 1
+    folder = None if source.streaming else _plain_image_folder(source)
+    if folder is not None:
+        try:
+            return _folder_split(_index_image_folder(folder), source)
+        except _NotPlain:
+            pass  # datasets reads it
     path = Path(source.path).expanduser()
     if _is_saved_dataset(path):
         return _split_of(datasets.load_from_disk(str(path)), source.split)

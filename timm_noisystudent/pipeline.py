@@ -20,6 +20,7 @@ from .config import (
     ModelStage, RunConfig, UserError, atomic_path, config_from_dict, config_hash, config_to_dict, save_config,
     output_lock, stage_epochs, write_json_atomic, write_text_atomic,
 )
+from .data import sources_of_run
 from .engine import Preempted, check_trackers, process_state, train
 from .labeling import label
 from .models import architecture_of, check_model_name, count_params
@@ -252,8 +253,10 @@ def run(
     out = Path(cfg.output)
     _check_before_training(cfg)
     state = process_state()
+    sources = {'labeled': cfg.labeled, 'unlabeled': cfg.unlabeled, 'eval': cfg.eval, 'validation': cfg.validation}
     with output_lock(out, state):  # one run per directory; a second one stops here
-        return _run(cfg, out, state, restart_from, progress, echo)
+        with sources_of_run(out / 'sources', sources, state):  # each source resolved once, for every stage
+            return _run(cfg, out, state, restart_from, progress, echo)
 
 
 def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress: bool,
