@@ -215,3 +215,20 @@ def test_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_at_every_step():
     proc = subprocess.run([sys.executable, '-c', _FAULTS], env=env, capture_output=True, text=True, timeout=300)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r['kept'] is False and r['after'] > r['default'] / 2
+
+
+def test_bench_scale_at_toy_size_reports_each_figure(tmp_path):
+    out = tmp_path / 'scale.json'
+    proc = subprocess.run(CLI + ['bench', '--scale', '300', '--workdir', str(tmp_path / 'work'), '--json', str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'first student step (s)' in proc.stdout
+    row = json.loads(out.read_text())['sizes'][0]
+    assert row['n'] == 300
+    for key in ('index_s', 'open_s', 'label_setup_s', 'selection_s', 'selection_rss_mb', 'first_step_s'):
+        assert row[key] > 0, key
+    files = sorted((tmp_path / 'work' / 'n300' / 'folder' / 'images').rglob('*.jpg'))
+    assert len(files) == 300 and files[0].stat().st_nlink > 1  # hard links, not copies
+    index = tmp_path / 'work' / 'n300' / 'index'
+    import datasets
+    assert len(datasets.load_from_disk(str(index))) == 300

@@ -23,6 +23,7 @@ The images are generated JPEGs of varied sizes (crops of scikit-learn's sample p
 smooth colour field), written as an image folder so that decoding is part of the work.
 Imports only go downward: data, models, engine, labeling, augment, config.
 """
+import math
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import datasets
 import numpy as np
@@ -732,7 +733,175 @@ def _child_student(args: Dict[str, Any]) -> Dict[str, Any]:
     return student_training(folder=Path(args.pop('folder')), out=Path(args.pop('out')), **args)
 
 
-_CHILDREN = {'label': _child_label, 'ceiling': _child_ceiling, 'student': _child_student}
+# --- scale: million-file folders and ten-million-row selection ---------------------------------
+
+SCALE_CLASSES = 1000  # selection at scale: ImageNet's class count, labels stored as top-k
+SCALE_TOPK = 5
+
+
+def make_linked_folder(root: os.PathLike, n: int, seed: int = 0, per_dir: int = 1000) -> Path:
+    """An unlabeled image folder of ``n`` files made of hard links to a few real JPEGs.
+
+    Files go in subfolders of ``per_dir`` (as large sets are kept); a folder made before with
+    the same ``n`` is reused. Costs a few MB of disk whatever ``n`` is.
+    """
+    root = Path(root)
+    done = root / '.complete'
+    if done.is_file() and done.read_text().strip() == str(n):
+        return root / 'images'
+    shutil.rmtree(root, ignore_errors=True)
+    sources = make_images(root / 'sources', 8, seed=seed, classes=2)
+    real = _sorted_files(sources)
+    images = root / 'images'
+    for d in range(math.ceil(n / per_dir)):
+        folder = images / f'{d:05d}'
+        folder.mkdir(parents=True)
+        for i in range(d * per_dir, min(n, (d + 1) * per_dir)):
+            os.link(real[i % len(real)], folder / f'{i:08d}.jpg')
+    done.write_text(str(n))
+    return images
+
+
+def _synthetic_raw(out: Path, rows: int, classes: int, topk: int, seed: int, rows_per_shard: int = 1_000_000) -> None:
+    """Raw label shards as ``label`` writes them: top-k soft labels for ``rows`` images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .labeling import _META_KEY, _list_array, _map_shard_path, _schema
+
+    raw = out / 'raw'
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    schema = _schema(topk)
+    for start in range(0, rows, rows_per_shard):
+        stop = min(rows, start + rows_per_shard)
+        n = stop - start
+        top = np.sort(rng.dirichlet(np.full(topk + 1, 0.3), size=n).astype(np.float32)[:, :topk], axis=1)[:, ::-1]
+        idx = np.stack([rng.permutation(classes)[:topk] for _ in range(min(n, 64))])
+        idx = idx[rng.integers(0, len(idx), size=n)]
+        cols = {'index': pa.array(np.arange(start, stop, dtype=np.int64)), 'topk_idx': _list_array(idx),
+                'topk_prob': _list_array(np.ascontiguousarray(top)), 'label': pa.array(idx[:, 0].astype(np.int64)),
+                'confidence': pa.array(top[:, 0])}
+        meta = {'failed': [], 'consumed': n, 'agree': [0, 0]}
+        table = pa.table(cols, schema=schema.with_metadata({_META_KEY: json.dumps(meta).encode()}))
+        pq.write_table(table, _map_shard_path(raw, start, stop))
+
+
+def _child_selection(args: Dict[str, Any]) -> Dict[str, Any]:
+    """Selection over synthetic raw shards (``labeling._finish``): seconds and peak RSS."""
+    from .config import LabelsConfig
+    from .labeling import _finish
+
+    out = Path(args['out'])
+    cfg = LabelsConfig(threshold=0.3, per_class='auto', topk=SCALE_TOPK)
+    names = [f'class_{i}' for i in range(SCALE_CLASSES)]
+    with _PeakRSS() as rss:
+        t0 = time.perf_counter()
+        stats = _finish(out, cfg, 0, SCALE_CLASSES, SCALE_TOPK, names, 'no', None, None, 'synthetic', '', {
+            'input_size': (3, 32, 32)}, 1, args['rows_per_shard'])
+        seconds = time.perf_counter() - t0
+    return {'seconds': round(seconds, 3), 'peak_rss_mb': round(rss.peak / 2 ** 20, 1),
+            'rows_after': stats['rows_after'], 'rows': args['rows']}
+
+
+def _child_first_step(args: Dict[str, Any]) -> Dict[str, Any]:
+    """A student's first optimizer step over pseudo rows of an N-image folder, inside a run's resolution."""
+    from .config import DataSource, ModelStage, NoiseConfig, TrainConfig
+    from .data import load_source, source_identity, sources_of_run
+    from .engine import train
+
+    folder, out = Path(args['folder']), Path(args['out'])
+    unlabeled = DataSource(path=str(folder))
+    clock = _step_clock()
+    with sources_of_run(out / 'sources', {'unlabeled': unlabeled}):
+        ds = load_source(unlabeled)
+        n = len(ds)
+        pseudo = _pseudo_dir(out / 'pseudo', np.arange(0, n, max(1, n // 50_000)), 10, 0)
+        stats = json.loads((pseudo / 'stats.json').read_text())
+        stats.update(source={'path': str(folder), 'name': None, 'split': 'train', 'image_column': 'image',
+                             'label_column': None, 'streaming': False},
+                     source_identity=source_identity(ds, 'image', unlabeled))
+        (pseudo / 'stats.json').write_text(json.dumps(stats))
+        labeled = make_images(out / 'labeled', 64, classes=10)
+        stage = ModelStage(model='test_efficientnet', epochs=1, image_size=32, batch_size=8, unlabeled_ratio=1,
+                           randaugment='none', dropout=0.0, drop_path=0.0)
+        t0 = time.perf_counter()
+        train(stage, DataSource(path=str(labeled)), out / 'student', pseudo=pseudo, unlabeled=unlabeled,
+              train_cfg=TrainConfig(max_steps=1, min_steps=0, num_workers=0, log_with=[clock]),
+              progress=False, noise=NoiseConfig())
+        seconds = (clock.times[0] if clock.times else time.perf_counter()) - t0
+    return {'seconds': round(seconds, 3)}
+
+
+def run_scale(sizes: Sequence[int], workdir: Optional[os.PathLike] = None, selection_only: bool = False,
+              log=print) -> Dict[str, Any]:
+    """``noisystudent bench --scale N``: index, open, labeling set-up, selection and first-step figures."""
+    from .data import _folder_split, _index_image_folder, source_identity
+    from .config import DataSource
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix='noisystudent-scale-'))
+    results: Dict[str, Any] = {'device': _device_name(torch.device('cpu')), 'cpu_count': os.cpu_count(),
+                               'selection': {'classes': SCALE_CLASSES, 'topk': SCALE_TOPK}, 'sizes': []}
+    try:
+        for n in sizes:
+            if n < 100:
+                raise UserError('--scale sizes must be at least 100.')
+            row: Dict[str, Any] = {'n': n}
+            here = root / f'n{n}'
+            if not selection_only:
+                log(f'scale {n}: making the folder (hard links)')
+                folder = make_linked_folder(here / 'folder', n)
+                t0 = time.perf_counter()
+                ds = _index_image_folder(folder, progress=False)
+                row['index_s'] = round(time.perf_counter() - t0, 3)
+                shutil.rmtree(here / 'index', ignore_errors=True)
+                ds.save_to_disk(str(here / 'index'))
+                del ds
+                t0 = time.perf_counter()
+                source = DataSource(path=str(folder))
+                opened = _folder_split(datasets.load_from_disk(str(here / 'index')), source)
+                row['open_s'] = round(time.perf_counter() - t0, 3)
+                # labeling set-up: what `label` does before its first batch, on the opened index
+                t0 = time.perf_counter()
+                source_identity(opened, 'image', source)
+                from .labeling import _map_shards
+                _map_shards(len(opened), 4096, 0, 1)
+                row['label_setup_s'] = round(time.perf_counter() - t0, 3) + row['open_s']
+                log(f'scale {n}: index {row["index_s"]} s, open {row["open_s"]} s; the first student step')
+                row['first_step_s'] = _in_child('first_step', {'folder': str(folder), 'out': str(here / 'student')},
+                                                torch.device('cpu'))['seconds']
+            log(f'scale {n}: selection over {n} synthetic rows')
+            sel_dir = here / 'labels'
+            shutil.rmtree(sel_dir, ignore_errors=True)
+            _synthetic_raw(sel_dir, n, SCALE_CLASSES, SCALE_TOPK, seed=0)
+            sel = _in_child('selection', {'out': str(sel_dir), 'rows': n, 'rows_per_shard': 1_000_000},
+                            torch.device('cpu'))
+            shutil.rmtree(sel_dir, ignore_errors=True)
+            row.update(selection_s=sel['seconds'], selection_rss_mb=sel['peak_rss_mb'])
+            results['sizes'].append(row)
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def format_scale(r: Dict[str, Any]) -> str:
+    head = ('N', 'index (s)', 'open (s)', 'label set-up (s)', 'selection (s)', 'selection RSS (MB)',
+            'first student step (s)')
+    rows = [head] + [(f"{x['n']:,}", _fmt(x.get('index_s'), '.2f'), _fmt(x.get('open_s'), '.2f'),
+                      _fmt(x.get('label_setup_s'), '.2f'), _fmt(x.get('selection_s'), '.2f'),
+                      _fmt(x.get('selection_rss_mb'), '.0f'), _fmt(x.get('first_step_s'), '.2f'))
+                     for x in r['sizes']]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ['  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    lines.append(f"{r['device']}; selection: {r['selection']['classes']} classes, top-{r['selection']['topk']} "
+                 'labels, threshold 0.3, per_class auto')
+    return '\n'.join(lines)
+
+
+_CHILDREN = {'label': _child_label, 'ceiling': _child_ceiling, 'student': _child_student,
+             'selection': _child_selection, 'first_step': _child_first_step}
 
 
 def _child_main(argv: List[str]) -> int:

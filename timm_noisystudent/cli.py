@@ -250,7 +250,16 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from .bench import format_table, run_bench
+    from .bench import format_scale, format_table, run_bench, run_scale
+
+    if args.scale:
+        results = run_scale(args.scale, workdir=args.workdir, selection_only=args.selection_only,
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if args.json:
+            from .config import write_json_atomic
+            write_json_atomic(args.json, results)
+        print(format_scale(results), flush=True)
+        return
 
     results = run_bench(n=args.n, model=args.model, batch_size=args.batch_size, device=args.device,
                         image_size=args.image_size, num_workers=args.num_workers, workdir=args.workdir,
@@ -400,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workdir', help='keep the generated images here (and reuse them); default: a temp dir')
     p.add_argument('--seed', type=int, default=0, help='seed of the generated images (default 0)')
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+    p.add_argument('--scale', type=int, nargs='+', metavar='N',
+                   help='instead: index, open, labeling set-up, selection and first-step figures at N images '
+                        '(a folder of hard links), e.g. --scale 10000 100000 1000000')
+    p.add_argument('--selection-only', action='store_true',
+                   help='with --scale: only selection over N synthetic rows (e.g. 10000000)')
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser('eval', help='top-1 and top-5 of a model on a labeled split')
