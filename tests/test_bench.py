@@ -230,5 +230,5 @@ def test_bench_scale_at_toy_size_reports_each_figure(tmp_path):
     files = sorted((tmp_path / 'work' / 'n300' / 'folder' / 'images').rglob('*.jpg'))
     assert len(files) == 300 and files[0].stat().st_nlink > 1  # hard links, not copies
     index = tmp_path / 'work' / 'n300' / 'index'
-    import datasets
-    assert len(datasets.load_from_disk(str(index))) == 300
+    from timm_noisystudent.data import open_index
+    assert len(open_index(index)) == 300

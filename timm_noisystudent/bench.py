@@ -750,7 +750,8 @@ def make_linked_folder(root: os.PathLike, n: int, seed: int = 0, per_dir: int = 
     if done.is_file() and done.read_text().strip() == str(n):
         return root / 'images'
     shutil.rmtree(root, ignore_errors=True)
-    sources = make_images(root / 'sources', 8, seed=seed, classes=2)
+    # a filesystem caps the links to one file (ext4: 65,000): enough distinct images for n
+    sources = make_images(root / 'sources', max(8, math.ceil(n / 50_000)), seed=seed, classes=2)
     real = _sorted_files(sources)
     images = root / 'images'
     for d in range(math.ceil(n / per_dir)):
@@ -836,7 +837,7 @@ def _child_first_step(args: Dict[str, Any]) -> Dict[str, Any]:
 def run_scale(sizes: Sequence[int], workdir: Optional[os.PathLike] = None, selection_only: bool = False,
               log=print) -> Dict[str, Any]:
     """``noisystudent bench --scale N``: index, open, labeling set-up, selection and first-step figures."""
-    from .data import _folder_split, _index_image_folder, source_identity
+    from .data import _folder_split, _index_image_folder, open_index, save_index, source_identity
     from .config import DataSource
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix='noisystudent-scale-'))
@@ -855,11 +856,11 @@ def run_scale(sizes: Sequence[int], workdir: Optional[os.PathLike] = None, selec
                 ds = _index_image_folder(folder, progress=False)
                 row['index_s'] = round(time.perf_counter() - t0, 3)
                 shutil.rmtree(here / 'index', ignore_errors=True)
-                ds.save_to_disk(str(here / 'index'))
+                save_index(ds, here / 'index')
                 del ds
                 t0 = time.perf_counter()
                 source = DataSource(path=str(folder))
-                opened = _folder_split(datasets.load_from_disk(str(here / 'index')), source)
+                opened = _folder_split(open_index(here / 'index'), source)
                 row['open_s'] = round(time.perf_counter() - t0, 3)
                 # labeling set-up: what `label` does before its first batch, on the opened index
                 t0 = time.perf_counter()

@@ -81,8 +81,7 @@ def sources_of_run(index_root: Union[str, os.PathLike], sources: Dict[str, Any],
         if folder in indexed:
             if (index_root / indexed[folder]).is_dir():
                 RESOLUTIONS[_key(source)] += 1
-                resolved[_key(source)] = _folder_split(datasets.load_from_disk(str(index_root / indexed[folder])),
-                                                       source)
+                resolved[_key(source)] = _folder_split(open_index(index_root / indexed[folder]), source)
             continue
         indexed[folder] = name
         if main:
@@ -98,7 +97,7 @@ def sources_of_run(index_root: Union[str, os.PathLike], sources: Dict[str, Any],
             from .config import replace_dir
             tmp = index_root / f'.{name}.tmp'
             shutil.rmtree(tmp, ignore_errors=True)
-            ds.save_to_disk(str(tmp))
+            save_index(ds, tmp)
             (tmp / 'source.json').write_text(json.dumps({'source': dataclasses.asdict(source), 'rows': len(ds),
                                                          'folder': str(folder)}, indent=2))
             replace_dir(tmp, index_root / name)
@@ -107,12 +106,37 @@ def sources_of_run(index_root: Union[str, os.PathLike], sources: Dict[str, Any],
         if (index_root / f'{name}.skipped').is_file():
             continue  # datasets reads it, once, at its first load_source below
         RESOLUTIONS[_key(source)] += 1
-        resolved[_key(source)] = _folder_split(datasets.load_from_disk(str(index_root / name)), source)
+        resolved[_key(source)] = _folder_split(open_index(index_root / name), source)
     before, _RESOLVED = _RESOLVED, resolved
     try:
         yield
     finally:
         _RESOLVED = before
+
+
+INDEX_FILE = 'index.arrow'
+
+
+def save_index(ds: datasets.Dataset, directory: Union[str, os.PathLike]) -> Path:
+    """A folder's index as one Arrow file (file paths, labels, features), its images left where they are.
+
+    ``save_to_disk`` would copy every image's bytes into the file; the index only lists them.
+    """
+    from datasets.arrow_writer import ArrowWriter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = ArrowWriter(features=ds.features, path=str(directory / INDEX_FILE), embed_local_files=False)
+    for table in ds.with_format('arrow').iter(100_000):
+        writer.write_table(table)
+    writer.finalize()
+    writer.close()
+    return directory
+
+
+def open_index(directory: Union[str, os.PathLike]) -> datasets.Dataset:
+    """A saved index, memory-mapped: opening costs no pass over its rows."""
+    return datasets.Dataset.from_file(str(Path(directory) / INDEX_FILE))
 
 
 def _plain_image_folder(source: DataSource) -> Optional[Path]:
