@@ -65,8 +65,9 @@ def _photos() -> List[Any]:
         return []
 
 
-def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10) -> Path:
-    """An image folder of ``n`` JPEGs, ``classes`` subfolders, sides uniform in 256..500 px.
+def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10,
+                sides: Sequence[int] = (_MIN_SIDE, _MAX_SIDE)) -> Path:
+    """An image folder of ``n`` JPEGs, ``classes`` subfolders, sides uniform in ``sides`` (256..500 px).
 
     Kept when ``root`` already holds the same set (a DONE marker names it). Written by a few
     processes; each image depends only on (seed, its number).
@@ -75,14 +76,14 @@ def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10) -> 
 
     root = Path(root)
     marker = root / 'DONE'
-    spec = f'{n} {seed} {classes} {_MIN_SIDE} {_MAX_SIDE}'
+    spec = f'{n} {seed} {classes} {sides[0]} {sides[1]}'
     if marker.is_file() and marker.read_text() == spec:
         return root
     shutil.rmtree(root, ignore_errors=True)
     for c in range(classes):
         (root / f'class_{c:03d}').mkdir(parents=True, exist_ok=True)
     jobs = min(4, os.cpu_count() or 1)
-    chunks = [(str(root), range(k, n, jobs), seed, classes) for k in range(jobs)]
+    chunks = [(str(root), range(k, n, jobs), seed, classes, tuple(sides)) for k in range(jobs)]
     if jobs > 1 and n >= 64:
         with ProcessPoolExecutor(jobs) as pool:
             list(pool.map(_write_images, *zip(*chunks)))
@@ -93,13 +94,13 @@ def make_images(root: os.PathLike, n: int, seed: int = 0, classes: int = 10) -> 
     return root
 
 
-def _write_images(root: str, numbers, seed: int, classes: int) -> None:
+def _write_images(root: str, numbers, seed: int, classes: int, sides=(_MIN_SIDE, _MAX_SIDE)) -> None:
     from PIL import Image
 
     photos = _photos()
     for i in numbers:
         rng = np.random.default_rng([seed, i])
-        w, h = (int(v) for v in rng.integers(_MIN_SIDE, _MAX_SIDE + 1, 2))
+        w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
         field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
             (w, h), Image.Resampling.BICUBIC)
         img = field
@@ -548,6 +549,8 @@ def run_bench(
                        else 'bf16' if fast_bf16 else 'no')
     train_precision = resolve_precision('auto', 'train') if dev.type == 'cuda' else 'no'
     tuned_amp = torch.bfloat16 if fast_bf16 else None
+    # small inputs come from small images (CIFAR-like data), not from photos shrunk at every load
+    sides = (_MIN_SIDE, _MAX_SIDE) if input_px > 64 else (input_px, input_px + input_px // 2)
     own_workdir = workdir is None
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix='noisystudent-bench-'))
     root.mkdir(parents=True, exist_ok=True)
@@ -559,6 +562,7 @@ def run_bench(
                      'labeling_precision': infer_precision, 'training_precision': train_precision,
                      'baseline_labeling_images': baseline_images, 'agreement_images': agreement_images,
                      'rss_images': [max(batch_size, n // 8), n], 'train_steps': train_steps,
+                     'image_sides': list(sides),
                      'train_warmup_steps': 2, 'student_randaugment': DEFAULTS['randaugment'],
                      'student_unlabeled_ratio': DEFAULTS['unlabeled_ratio']},
         'load_avg_start': _load(),
@@ -568,7 +572,7 @@ def run_bench(
     datasets.disable_progress_bars()  # one 'Generating train split' bar per load is noise here
     try:
         log(f'generating {n} JPEGs in {root / "images"} ...')
-        folder = make_images(root / 'images', n, seed, DEFAULTS['classes'])
+        folder = make_images(root / 'images', n, seed, DEFAULTS['classes'], sides=sides)
         lab: Dict[str, Any] = {}
         small_n = max(batch_size, n // 8)
         log(f'labeling {small_n} images (noisystudent label, own process) ...')

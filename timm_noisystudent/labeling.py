@@ -49,7 +49,8 @@ from .data import (
     check_output_outside, load_source, source_identity, undecoded,
 )
 from .engine import (  # Accelerator, signal and thread helpers only
-    Preempted, _StopFlag, cpu_threads, make_accelerator, process_state, resolve_precision, torch_threads,
+    Preempted, _StopFlag, choose_workers, cpu_threads, make_accelerator, process_state, resolve_precision,
+    torch_threads,
 )
 from .models import data_config_of, fold_batchnorm, label_names_of, load_model
 
@@ -633,7 +634,10 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
     model = fold_batchnorm(model if owned else copy.deepcopy(model), example).to(memory_format=torch.channels_last)
     labeler = _Labeler(model, accelerator, cfg.temperature, topk, check_agreement=main and precision != 'no',
                        normalize=getattr(transform, 'normalize', None))
-    workers = num_workers_for(num_workers, data_config['input_size'][-1], accelerator.device)
+    workers = (num_workers_for(num_workers, data_config['input_size'][-1], accelerator.device) if streaming else
+               choose_workers(num_workers, ImageRows(ds, image_col, transform), model, data_config['input_size'],
+                              accelerator.device, train=False,
+                              autocast=torch.bfloat16 if precision == 'bf16' else None, batch_size=cfg.batch_size))
     desc = f'labeling ({world} processes)' if world > 1 else 'labeling'
     bar = tqdm(total=_rows_of_process(num_rows, streaming, rows_per_shard, rank, world),
                disable=not (progress and main), desc=desc, unit='img', dynamic_ncols=True, leave=False)
