@@ -137,8 +137,8 @@ def test_fold_batchnorm_leaves_a_model_it_cannot_fold_as_it_was():
 
 
 def test_workers_and_threads_share_the_cores(monkeypatch):
-    from timm_noisystudent.data import num_workers_for
-    from timm_noisystudent.engine import cpu_threads, torch_threads
+    from timm_noisystudent.runtime import num_workers_for
+    from timm_noisystudent.runtime import cpu_threads, torch_threads
 
     monkeypatch.setattr('os.cpu_count', lambda: 2)
     cpu, gpu = torch.device('cpu'), torch.device('cuda')  # only their types are read
@@ -180,7 +180,7 @@ def test_tied_labels_are_the_first_maximum_as_argmax_defines():
 
 _FAULTS = '''
 import json, resource, sys, torch
-from timm_noisystudent import engine
+from timm_noisystudent import runtime
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -191,9 +191,9 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 default = faults()
-engine.make_accelerator()  # on CPU this keeps freed memory
+runtime.make_accelerator()  # on CPU this keeps freed memory
 faults()  # the heap grows to its peak once
-print(json.dumps({'default': default, 'kept': engine.keep_freed_memory(), 'after': faults()}))
+print(json.dumps({'default': default, 'kept': runtime.keep_freed_memory(), 'after': faults()}))
 '''
 
 

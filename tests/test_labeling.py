@@ -277,7 +277,7 @@ def test_streaming_input_matches_map_style_and_resumes(reference, teacher_dir, u
 
 def test_a_streamed_source_splits_by_node_into_disjoint_covering_shards(reference, teacher, unlabeled, tmp_path):
     """Each of two ranks labels its split of the stream; together they hold every row once."""
-    from timm_noisystudent.engine import make_accelerator
+    from timm_noisystudent.runtime import make_accelerator
     raw = tmp_path / 'raw'
     raw.mkdir()
     ds = datasets.load_dataset(str(unlabeled), split='train', streaming=True)

@@ -289,7 +289,8 @@ from accelerate import debug_launcher
 
 def fn(data, out):
     from timm_noisystudent.config import ModelStage, TrainConfig
-    from timm_noisystudent.engine import Preempted, process_state, train
+    from timm_noisystudent.engine import train
+    from timm_noisystudent.runtime import Preempted, process_state
     rank = process_state().process_index
     if rank == 0:  # only this process is signalled, as a preemption agent may do
         def fire():

@@ -159,7 +159,7 @@ def _data_config(model: torch.nn.Module, image_size: Optional[int]) -> Dict[str,
 
 
 def _fast_bf16(device: torch.device) -> bool:
-    from .engine import cpu_has_fast_bf16
+    from .runtime import cpu_has_fast_bf16
     if device.type == 'cuda':
         return torch.cuda.is_bf16_supported()
     return cpu_has_fast_bf16()
@@ -529,8 +529,8 @@ def run_bench(
         log=print,
 ) -> Dict[str, Any]:
     """Run every measurement once and return the results (the ``--json`` document)."""
-    from .data import num_workers_for
-    from .engine import resolve_precision
+    from .runtime import num_workers_for
+    from .runtime import resolve_precision
 
     if n < 16:
         raise UserError('--n must be at least 16.')
@@ -724,7 +724,7 @@ def _pct(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def _child_ceiling(args: Dict[str, Any]) -> Dict[str, Any]:
     """A ceiling with the process settings the project's own runs make (engine.make_accelerator)."""
-    from .engine import keep_freed_memory
+    from .runtime import keep_freed_memory
 
     dev = torch.device(args.pop('device'))
     if dev.type == 'cpu':
@@ -911,7 +911,7 @@ _CHILDREN = {'label': _child_label, 'ceiling': _child_ceiling, 'student': _child
 
 def _child_main(argv: List[str]) -> int:
     if len(argv) == 3 and argv[0] == '--child' and argv[1] in _CHILDREN:
-        from .engine import keep_freed_memory
+        from .runtime import keep_freed_memory
         result = _CHILDREN[argv[1]](json.loads(argv[2]))
         result['keeps_freed_memory'] = keep_freed_memory()  # already decided by the run on CPU
         print(json.dumps(result), flush=True)

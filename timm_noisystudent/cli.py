@@ -105,7 +105,8 @@ def _train_settings(args):
 
 def _cmd_train(args) -> None:
     from .config import ModelStage
-    from .engine import Preempted, train
+    from .engine import train
+    from .runtime import Preempted
 
     _at_least(args, 1, 'image_size')
     _at_least(args, 0, 'freeze_blocks')
@@ -160,7 +161,7 @@ def _per_class_arg(text: str):
 
 def _cmd_label(args) -> None:
     from .config import LabelsConfig, from_dict
-    from .engine import Preempted
+    from .runtime import Preempted
     from .labeling import label
 
     _at_least(args, 1, 'rows_per_shard', 'image_size')
@@ -186,7 +187,7 @@ def _cmd_label(args) -> None:
 
 def _is_main_process() -> bool:
     # printing, exports and pushes happen once, not once per `accelerate launch` process
-    from .engine import process_state
+    from .runtime import process_state
     return process_state().is_main_process
 
 
@@ -486,7 +487,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _print_error(f'error: {_os_error(e)}')
         return 2
     except Exception as e:
-        from .engine import Preempted
+        from .runtime import Preempted
         if isinstance(e, Preempted):
             print(str(e), file=sys.stderr, flush=True)
             return 128 + e.signal  # what a shell reports for a process ended by that signal

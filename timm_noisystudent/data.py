@@ -723,20 +723,3 @@ def collate(rows: Dict[str, list]) -> Batch:
     return Batch(pixels, label, index, skipped)
 
 
-def num_workers_for(requested: Optional[int], image_size: int, device: torch.device) -> int:
-    """DataLoader workers: ``requested``, or when None about the share of the cores decoding needs.
-
-    An accelerator leaves the CPU to feed it: half the cores, at most 8. On CPU the model needs
-    the same cores (and gets the rest, see ``engine.cpu_threads``). Measured on 2 cores: B0 at
-    224 px spends about 5% of a step on data and runs fastest with no worker (one cost 7%, or 40%
-    with one torch thread); 32 px digits spend about half and train 1.4x faster with one worker
-    and one thread.
-    """
-    if requested is not None:
-        return requested
-    cores = os.cpu_count() or 1
-    share = 0.5 if device.type != 'cpu' or image_size <= _SMALL_INPUT else 0.125
-    return min(8, int(cores * share))
-
-
-_SMALL_INPUT = 64  # px; at or below, decoding and augmenting cost about as much as the model

@@ -45,12 +45,12 @@ from .config import (
     write_json_atomic,
 )
 from .data import (
-    EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of, num_workers_for,
+    EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of,
     check_output_outside, load_source, source_identity, undecoded,
 )
-from .engine import (  # Accelerator, signal and thread helpers only
-    Preempted, _StopFlag, choose_workers, cpu_threads, make_accelerator, process_state, resolve_precision,
-    torch_threads,
+from .runtime import (
+    Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
+    resolve_precision, torch_threads,
 )
 from .models import data_config_of, fold_batchnorm, label_names_of, load_model
 
@@ -393,7 +393,7 @@ class _RangeBatches:
         return sum(math.ceil((stop - start) / self.batch_size) for start, stop in self.ranges)
 
 
-def _stopped(halt: Optional[_StopFlag], raw: Path) -> None:
+def _stopped(halt: Optional[StopFlag], raw: Path) -> None:
     # SIGTERM/SIGINT: stop at a batch boundary; finished shards are on disk, the current one is dropped
     if halt is not None and halt.signal is not None:
         raise Preempted(f'stopped by signal {halt.signal} while labeling; the finished shards in {raw} are kept.',
@@ -401,7 +401,7 @@ def _stopped(halt: Optional[_StopFlag], raw: Path) -> None:
 
 
 def _label_map_style(ds, image_col, transform, labeler, raw: Path, batch_size, rows_per_shard,
-                     num_workers, rank, world, bar, halt: Optional[_StopFlag] = None) -> int:
+                     num_workers, rank, world, bar, halt: Optional[StopFlag] = None) -> int:
     """Label this process's share of the index ranges that have no shard yet; returns rows done."""
     pending = [(s, e) for s, e in _map_shards(len(ds), rows_per_shard, rank, world)
                if not _map_shard_path(raw, s, e).exists()]
@@ -458,7 +458,7 @@ def _stream_shard_path(raw: Path, rank: int, world: int, seq: int) -> Path:
 
 
 def _label_streaming(ds, image_col, transform, labeler, raw: Path, batch_size, rows_per_shard,
-                     num_workers, rank, world, bar, halt: Optional[_StopFlag] = None) -> int:
+                     num_workers, rank, world, bar, halt: Optional[StopFlag] = None) -> int:
     """Label this process's split of a streamed source past the rows its earlier shards hold."""
     mine = sorted(raw.glob(f'stream-w{world:03d}-r{rank:03d}-*.parquet'))
     skip = sum(_shard_meta(p)['consumed'] for p in mine)
@@ -646,7 +646,7 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
                        if _map_shard_path(raw, s, e).exists()))
     t_label = time.perf_counter()
     run = _label_streaming if streaming else _label_map_style
-    with _StopFlag() as halt, bar, torch_threads(cpu_threads(workers, accelerator.device)):
+    with StopFlag() as halt, bar, torch_threads(cpu_threads(workers, accelerator.device)):
         done = run(ds, image_col, transform, labeler, raw, cfg.batch_size, rows_per_shard, workers, rank, world, bar,
                    halt=halt)
     done_all = int(accelerator.reduce(torch.tensor([done], device=accelerator.device), 'sum').item()) \

@@ -21,7 +21,8 @@ from .config import (
     output_lock, stage_epochs, write_json_atomic, write_text_atomic,
 )
 from .data import sources_of_run
-from .engine import Preempted, check_trackers, process_state, train
+from .engine import check_trackers, train
+from .runtime import Preempted, process_state
 from .labeling import label
 from .models import architecture_of, check_model_name, count_params
 
