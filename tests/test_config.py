@@ -13,8 +13,10 @@ from timm_noisystudent import config as C
 from timm_noisystudent.config import (
     DataSource, FinetuneConfig, HubConfig, LabelsConfig, ModelStage, NoiseConfig, RunConfig,
     TrainConfig, UserError, apply_overrides, config_from_dict, config_hash, config_to_dict,
-    from_dict, load_config, save_config, stage_epochs,
+    from_dict, load_config, stage_epochs,
 )
+from timm_noisystudent import files as F
+from timm_noisystudent.files import save_config
 
 BASE = {'labeled': {'path': 'cifar10', 'split': 'train[:4000]'}, 'unlabeled': 'cifar10'}
 
@@ -377,7 +379,7 @@ def test_save_config_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise OSError('disk full')
 
-    monkeypatch.setattr(C.os, 'fsync', broken)
+    monkeypatch.setattr(F.os, 'fsync', broken)
     with pytest.raises(OSError):
         save_config(_full_config(), path)
     assert path.read_text() == before and os.listdir(tmp_path) == ['config.yaml']

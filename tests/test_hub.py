@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import hub_env
 from timm_noisystudent import cli
-from timm_noisystudent.config import DataSource, ModelStage, RunConfig, TrainConfig, UserError, save_config
+from timm_noisystudent.config import DataSource, ModelStage, RunConfig, TrainConfig, UserError
+from timm_noisystudent.files import save_config
 from timm_noisystudent.hub import PLACEHOLDER_REPO_ID, export, model_card, push, resolve_source
 from timm_noisystudent.models import data_config_of, save_model
 

@@ -257,7 +257,7 @@ def _cmd_bench(args) -> None:
         results = run_scale(args.scale, workdir=args.workdir, selection_only=args.selection_only,
                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
         if args.json:
-            from .config import write_json_atomic
+            from .files import write_json_atomic
             write_json_atomic(args.json, results)
         print(format_scale(results), flush=True)
         return
@@ -267,7 +267,7 @@ def _cmd_bench(args) -> None:
                         seed=args.seed, train_steps=args.train_steps,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
-        from .config import write_json_atomic
+        from .files import write_json_atomic
         write_json_atomic(args.json, results)
     print(format_table(results), flush=True)
 

@@ -1,6 +1,6 @@
 """Run configuration: the one source of truth for a Noisy Student run.
 
-A run is a tree of plain dataclasses read from YAML and written back to YAML. ``save_config``
+A run is a tree of plain dataclasses read from YAML and written back to YAML. ``files.save_config``
 followed by ``load_config`` gives back an equal ``RunConfig``, so the copy saved next to a run's
 outputs *is* the run. All validation happens here, once, and every mistake is a ``UserError``
 with a one-line message that names the full dotted key, so later stages can trust the values.
@@ -9,7 +9,6 @@ with a one-line message that names the full dotted key, so later stages can trus
 the variant's NS recipe (noise, unlabeled ratio) or the run length (EMA decay). Those decisions
 need the models module, and this module imports nothing else from the package.
 """
-import contextlib
 import copy
 import dataclasses
 import difflib
@@ -18,18 +17,17 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
 __all__ = [
     'UserError', 'DataSource', 'ModelStage', 'LabelsConfig', 'NoiseConfig', 'TrainConfig',
     'FinetuneConfig', 'HubConfig', 'RunConfig', 'from_dict', 'config_from_dict', 'load_config',
-    'read_config_dict', 'apply_overrides', 'config_to_dict', 'config_to_yaml', 'save_config',
+    'read_config_dict', 'apply_overrides', 'config_to_dict', 'config_to_yaml',
     'config_hash', 'stage_epochs', 'epochs_note', 'MIXED_PRECISION_CHOICES', 'PRESETS', 'DEFAULT_EPOCHS',
     'DEFAULT_UNLABELED_RATIO', 'DEFAULT_TOPK', 'FULL_PROBS_MAX_CLASSES', 'ITERATE_FROM_CHOICES',
     'STUDENT_INIT_CHOICES',
@@ -717,113 +715,6 @@ def _yaml_text(data: Dict, allow_unicode: bool) -> str:
     # a huge width keeps each value on one line, readable and diff-friendly
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False,
                           allow_unicode=allow_unicode, width=2 ** 30)
-
-
-def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
-    """Write ``cfg`` as YAML to ``path`` atomically: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, config_to_yaml(cfg))
-    return path
-
-
-# --- files ---------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write; on success it is synced and renamed to ``path``.
-
-    A crash or a full disk leaves the old file or the new one, never half of one: what the
-    block wrote is removed when it raises. The temporary name starts with a dot and carries no
-    extension of its own, so globs for finished files (``*.parquet``) never match it.
-    """
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def fsync_file(path: Union[str, os.PathLike]) -> None:
-    with open(path, 'rb') as f:
-        os.fsync(f.fileno())
-
-
-def replace_dir(tmp: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> None:
-    """Move a finished directory ``tmp`` to ``out``, replacing an older one whole."""
-    tmp, out = Path(tmp), Path(out)
-    old = out.parent / f'.{out.name}.old-{os.getpid()}'
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text_atomic(path: Union[str, os.PathLike], text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding='utf-8')
-
-
-def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
-
-LOCK_NAME = '.noisystudent.lock'
-
-
-@contextlib.contextmanager
-def output_lock(directory: Union[str, os.PathLike], state: Any = None) -> Iterator[None]:
-    """Hold an exclusive lock on an output directory while the block runs.
-
-    The lock is the operating system's (``filelock``, an ``flock`` on Unix), so it dies with its
-    process: a killed run leaves nothing that blocks the next one. The holder writes its pid beside
-    it, so a second process can say who holds it. Under ``accelerate launch`` (``state`` a
-    ``PartialState`` of several processes) the main process holds it, and the others stop with
-    the same error when it cannot.
-    """
-    import filelock
-
-    directory = Path(directory)
-    main = state is None or state.is_main_process
-    lock, problem = None, None
-    created = not directory.exists()
-    if main:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            lock = filelock.FileLock(str(directory / LOCK_NAME), timeout=0)
-            lock.acquire()
-        except filelock.Timeout:
-            lock = None
-            try:
-                holder = f' (pid {int((directory / (LOCK_NAME + ".pid")).read_text().split()[0])})'
-            except (OSError, ValueError, IndexError):
-                holder = ''
-            problem = (f'{directory} is in use by another noisystudent process{holder}; wait for it to end, '
-                       'or give this one another output directory.')
-        else:
-            (directory / (LOCK_NAME + '.pid')).write_text(f'{os.getpid()}\n')
-    if state is not None and getattr(state, 'num_processes', 1) > 1:
-        from accelerate.utils import broadcast_object_list
-        problem = broadcast_object_list([problem])[0]
-    if problem:
-        raise UserError(problem)
-    try:
-        yield
-    except BaseException:
-        if lock is not None and created:  # a command that failed before writing anything leaves nothing
-            (directory / (LOCK_NAME + '.pid')).unlink(missing_ok=True)
-            if [p.name for p in directory.iterdir()] == [LOCK_NAME]:
-                (directory / LOCK_NAME).unlink(missing_ok=True)
-                directory.rmdir()
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 # --- hashing -------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def sources_of_run(index_root: Union[str, os.PathLike], sources: Dict[str, Any],
                 index_root.mkdir(parents=True, exist_ok=True)
                 (index_root / f'{name}.skipped').write_text('read by datasets\n')
         if main and ds is not None:
-            from .config import replace_dir
+            from .files import replace_dir
             tmp = index_root / f'.{name}.tmp'
             shutil.rmtree(tmp, ignore_errors=True)
             save_index(ds, tmp)

@@ -32,7 +32,8 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from . import augment
-from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError, output_lock, write_json_atomic
+from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
+from .files import append_jsonl, keep_jsonl_until, output_lock, write_json_atomic
 from .data import (
     ImageRows, PseudoRows, SourceLike, as_source, check_labels, collate,
     identity_mismatch, image_column_of, label_column_of, label_names_of, load_source, num_classes_of,
@@ -136,28 +137,6 @@ def _source_record(source) -> Optional[Dict[str, Any]]:
     if not isinstance(source, DataSource):
         return None
     return {'path': source.path, 'name': source.name, 'split': source.split}
-
-
-def _append_jsonl(path: Path, obj: Any) -> None:
-    with open(path, 'a') as f:
-        f.write(json.dumps(obj) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _keep_history_until(path: Path, step: int) -> None:
-    """metrics.jsonl without the lines past ``step``: a resumed run writes them again."""
-    if not path.is_file():
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line cut short by a kill
-            continue
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows if r.get('step', 0) <= step))
-    os.replace(tmp, path)
 
 
 def read_pseudo(pseudo_dir: Path) -> tuple:
@@ -557,7 +536,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
             state = json.loads((last / 'trainer_state.json').read_text())
             accelerator.print(f'resuming from {last} (epoch {state["epoch"]}, step {state["step"]})')
             if accelerator.is_main_process:
-                _keep_history_until(output / 'metrics.jsonl', state['step'])
+                keep_jsonl_until(output / 'metrics.jsonl', state['step'])
     elif _latest_checkpoint(ckpt_root) is not None and not (output / 'metrics.json').is_file():
         raise UserError(f'{output} holds the checkpoints of an unfinished training; pass --resume to continue it, '
                         f'or remove {ckpt_root} (or choose another --output) to start over.')
@@ -692,7 +671,7 @@ def _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, los
             **{k: metrics[k] for k in ('top1', 'top5', 'loss') if k in metrics},
             'seconds': round(state['seconds'], 2)}
     if accelerator.is_main_process:
-        _append_jsonl(output / 'metrics.jsonl', line)
+        append_jsonl(output / 'metrics.jsonl', line)
     if train_cfg.log_with and metrics:
         accelerator.log({f'eval/{k}': metrics[k] for k in ('top1', 'top5', 'loss')}, step=state['step'])
     return metrics

@@ -28,7 +28,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData
 
-from .config import UserError, fsync_file, replace_dir
+from .config import UserError
+from .files import fsync_file, replace_dir
 from .models import NS_RECIPES, count_params, is_model_dir, read_state_dict
 
 __all__ = [

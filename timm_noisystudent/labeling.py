@@ -40,10 +40,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
-from .config import (
-    DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError, atomic_path, output_lock,
-    write_json_atomic,
-)
+from .config import DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError
+from .files import atomic_path, output_lock, remove_tree, write_json_atomic
 from .data import (
     EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of,
     check_output_outside, load_source, source_identity, undecoded,
@@ -756,7 +754,7 @@ def _write_selected(output: Path, files: List[Path], sizes: List[int], picked: n
                     topk: Optional[int], num_classes: int) -> None:
     """data/: one file per raw shard with its selected rows; swapped in whole."""
     tmp = output / f'.data.tmp-{os.getpid()}'
-    _remove_tree(tmp)
+    remove_tree(tmp)
     tmp.mkdir(parents=True)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     written = 0
@@ -776,13 +774,7 @@ def _write_selected(output: Path, files: List[Path], sizes: List[int], picked: n
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    _remove_tree(old)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-    if path.exists():
-        shutil.rmtree(path)
+    remove_tree(old)
 
 
 def _plot(path: Path, conf: np.ndarray, sel: Dict[str, Any], threshold: float, label_names: Sequence[str]) -> None:

@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
-from .config import UserError, fsync_file, replace_dir
+from .config import UserError
+from .files import fsync_file, replace_dir
 
 __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',

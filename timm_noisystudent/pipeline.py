@@ -16,10 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from .config import (
-    ModelStage, RunConfig, UserError, atomic_path, config_from_dict, config_hash, config_to_dict, save_config,
-    output_lock, stage_epochs, write_json_atomic, write_text_atomic,
-)
+from .config import ModelStage, RunConfig, UserError, config_from_dict, config_hash, config_to_dict, stage_epochs
+from .files import atomic_path, output_lock, save_config, write_json_atomic, write_text_atomic
 from .data import sources_of_run
 from .engine import check_trackers, train
 from .runtime import Preempted, process_state

@@ -1,0 +1,151 @@
+"""File plumbing: atomic writes, directory swaps, JSON lines, the output lock.
+
+Every writer here leaves the old file or the new one, never half of one, and its temporary
+names start with a dot, so globs for finished files never match them.
+"""
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+from .config import UserError, config_to_yaml
+
+__all__ = ['atomic_path', 'fsync_file', 'replace_dir', 'remove_tree', 'write_text_atomic', 'write_json_atomic',
+           'append_jsonl', 'keep_jsonl_until', 'save_config', 'output_lock', 'LOCK_NAME']
+
+
+def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
+    """Write ``cfg`` as YAML to ``path`` atomically: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, config_to_yaml(cfg))
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; on success it is synced and renamed to ``path``.
+
+    A crash or a full disk leaves the old file or the new one, never half of one: what the
+    block wrote is removed when it raises. The temporary name starts with a dot and carries no
+    extension of its own, so globs for finished files (``*.parquet``) never match it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_file(path: Union[str, os.PathLike]) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+
+
+def replace_dir(tmp: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> None:
+    """Move a finished directory ``tmp`` to ``out``, replacing an older one whole."""
+    tmp, out = Path(tmp), Path(out)
+    old = out.parent / f'.{out.name}.old-{os.getpid()}'
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Union[str, os.PathLike], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding='utf-8')
+
+
+def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+LOCK_NAME = '.noisystudent.lock'
+
+
+@contextlib.contextmanager
+def output_lock(directory: Union[str, os.PathLike], state: Any = None) -> Iterator[None]:
+    """Hold an exclusive lock on an output directory while the block runs.
+
+    The lock is the operating system's (``filelock``, an ``flock`` on Unix), so it dies with its
+    process: a killed run leaves nothing that blocks the next one. The holder writes its pid beside
+    it, so a second process can say who holds it. Under ``accelerate launch`` (``state`` a
+    ``PartialState`` of several processes) the main process holds it, and the others stop with
+    the same error when it cannot.
+    """
+    import filelock
+
+    directory = Path(directory)
+    main = state is None or state.is_main_process
+    lock, problem = None, None
+    created = not directory.exists()
+    if main:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(str(directory / LOCK_NAME), timeout=0)
+            lock.acquire()
+        except filelock.Timeout:
+            lock = None
+            try:
+                holder = f' (pid {int((directory / (LOCK_NAME + ".pid")).read_text().split()[0])})'
+            except (OSError, ValueError, IndexError):
+                holder = ''
+            problem = (f'{directory} is in use by another noisystudent process{holder}; wait for it to end, '
+                       'or give this one another output directory.')
+        else:
+            (directory / (LOCK_NAME + '.pid')).write_text(f'{os.getpid()}\n')
+    if state is not None and getattr(state, 'num_processes', 1) > 1:
+        from accelerate.utils import broadcast_object_list
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise UserError(problem)
+    try:
+        yield
+    except BaseException:
+        if lock is not None and created:  # a command that failed before writing anything leaves nothing
+            (directory / (LOCK_NAME + '.pid')).unlink(missing_ok=True)
+            if [p.name for p in directory.iterdir()] == [LOCK_NAME]:
+                (directory / LOCK_NAME).unlink(missing_ok=True)
+                directory.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+
+
+def remove_tree(path: Union[str, os.PathLike]) -> None:
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def append_jsonl(path: Union[str, os.PathLike], obj: Any) -> None:
+    """One JSON line appended and synced: a kill loses at most the line being written."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(obj) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def keep_jsonl_until(path: Union[str, os.PathLike], step: int) -> None:
+    """A metrics.jsonl without the lines past ``step`` (a resumed run writes them again), written atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            continue
+    write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows if r.get('step', 0) <= step))
