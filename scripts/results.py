@@ -39,7 +39,7 @@ MODELS = ('test_efficientnet', 'tf_efficientnet_b0')
 
 def _data(task: str, work: Path, cifar: Path):
     if task == 'digits':
-        from timm_noisystudent.pipeline import write_demo_data
+        from timm_noisystudent.demo import write_demo_data
         root = work / 'digits-data'
         write_demo_data(root)
         return ({'path': str(root / 'labeled')}, {'path': str(root / 'unlabeled')}, {'path': str(root / 'test')},

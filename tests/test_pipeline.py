@@ -12,7 +12,8 @@ import yaml
 
 import timm_noisystudent
 from timm_noisystudent.config import UserError
-from timm_noisystudent.pipeline import format_summary, run, write_demo_data
+from timm_noisystudent.demo import write_demo_data
+from timm_noisystudent.pipeline import format_summary, run
 
 CLI = [sys.executable, '-m', 'timm_noisystudent']
 STAGES = ['iter0-teacher', 'iter1-labels', 'iter1-student', 'iter2-labels', 'iter2-student']
@@ -216,7 +217,8 @@ def test_example_configs_are_valid(path):
 
 
 def test_demo_config_is_a_valid_run(tmp_path):
-    from timm_noisystudent.pipeline import demo_config, stage_names
+    from timm_noisystudent.demo import demo_config
+    from timm_noisystudent.pipeline import stage_names
     cfg = demo_config(tmp_path / 'data', tmp_path / 'out')
     assert stage_names(cfg) == STAGES
     assert cfg.teacher.image_size == 32 and all(s.model == cfg.teacher.model for s in cfg.students)

@@ -38,7 +38,8 @@ from digits import digits_arrays, write_image_folder, write_parquet
 from timm_noisystudent.cli import main
 from timm_noisystudent.data import decode_image
 from timm_noisystudent.models import load_model, save_model
-from timm_noisystudent.pipeline import _warn_small_student, write_demo_data
+from timm_noisystudent.demo import write_demo_data
+from timm_noisystudent.pipeline import _warn_small_student
 
 CLI = [sys.executable, '-m', 'timm_noisystudent']
 MODEL = 'test_efficientnet'

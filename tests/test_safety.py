@@ -20,7 +20,7 @@ from PIL import Image
 
 from timm_noisystudent.cli import main
 from timm_noisystudent.models import load_model, save_model
-from timm_noisystudent.pipeline import write_demo_data
+from timm_noisystudent.demo import write_demo_data
 
 CLI = [sys.executable, '-m', 'timm_noisystudent']
 MODEL = 'test_efficientnet'

@@ -14,7 +14,7 @@ __all__ = [
     'run', 'demo', 'train', 'label', 'evaluate_model',
 ]
 
-_LAZY = {'run': 'pipeline', 'demo': 'pipeline', 'train': 'engine', 'evaluate_model': 'engine', 'label': 'labeling'}
+_LAZY = {'run': 'pipeline', 'demo': 'demo', 'train': 'engine', 'evaluate_model': 'engine', 'label': 'labeling'}
 
 
 def __getattr__(name):

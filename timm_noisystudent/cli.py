@@ -245,7 +245,7 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from .pipeline import demo
+    from .demo import demo
 
     demo(args.output, progress=not args.no_progress)
 
