@@ -21,16 +21,18 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData
 
 from .config import UserError
 from .files import fsync_file, replace_dir
-from .models import NS_RECIPES, count_params, is_model_dir, read_state_dict
+from .rundir import (
+    FINETUNE, STAGE_NAME, ModelSource, is_model_stage, is_run_dir, labels_dir_of, model_stages, pickled_weights,
+    read_json, resolve_source, run_config, run_summary,
+)
+from .models import NS_RECIPES, count_params, read_state_dict
 
 __all__ = [
     'ModelSource', 'resolve_source', 'model_card', 'export', 'push', 'push_labels', 'labels_card',
@@ -42,9 +44,6 @@ PLACEHOLDER_REPO_ID = 'YOUR-ORG/YOUR-MODEL'
 _PLACEHOLDER_NOTE = (f'`{PLACEHOLDER_REPO_ID}` stands for the repo this model is pushed to; '
                      '`noisystudent push` fills it in.')
 DEFAULT_LICENSE = 'apache-2.0'
-_PICKLE_FILES = ('pytorch_model.bin', 'model.pth', 'model.pt', 'model.bin', 'model.ckpt')
-_STAGE = re.compile(r'^iter(\d+)-(teacher|student|labels)$')
-_FINETUNE = 'finetune'
 _MAX_CLASS_ROWS = 30  # above this many classes the card summarises the counts
 # datasets' packaged builders: a DataSource path that names one is not a Hub dataset
 _BUILDERS = {'imagefolder', 'audiofolder', 'videofolder', 'parquet', 'csv', 'json', 'text', 'arrow',
@@ -62,133 +61,8 @@ CITATION = """@inproceedings{xie2020selftraining,
 
 # --- where a model comes from -------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ModelSource:
-    """An exportable model and the run context around it (each part may be missing).
-
-    ``stage_dir`` holds the stage's ``metrics.json``; ``stage`` is its name in the run
-    (``iter2-student``), ``run_dir`` the run directory.
-    """
-    model_dir: Path
-    stage_dir: Optional[Path] = None
-    run_dir: Optional[Path] = None
-    stage: Optional[str] = None
-
-
-def _is_run_dir(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    if (path / 'summary.json').is_file():
-        return True
-    return (path / 'config.yaml').is_file() and any(
-        _STAGE.match(p.name) or p.name in (_FINETUNE, 'final') for p in path.iterdir() if p.is_dir())
-
-
-def _pickled_weights(path: Path) -> Optional[Path]:
-    return next((path / name for name in _PICKLE_FILES if (path / name).is_file()), None)
-
-
-def _check_model_dir(path: Path, allow_pickle: bool = False) -> None:
-    if not (path / 'config.json').is_file():
-        raise UserError(f'{path} has no config.json; pass a model directory, a run stage directory '
-                        'or a run directory.')
-    if not (path / 'model.safetensors').is_file():
-        if _pickled_weights(path) is not None and not allow_pickle:
-            raise UserError(f'{path} holds only pickled weights, which are loaded only with --allow-pickle '
-                            '(tensors only, weights_only=True); `noisystudent export --allow-pickle` '
-                            'converts them to model.safetensors.')
-        if _pickled_weights(path) is None:
-            raise UserError(f'{path} has config.json but no model.safetensors; export the model again.')
-
-
-def resolve_source(src: Union[str, os.PathLike, ModelSource], allow_pickle: bool = False) -> ModelSource:
-    """The model behind ``src``: a model directory, a run stage directory, or a run directory.
-
-    A run directory means its final student: the last finished stage (fine-tune, then the last
-    ``iterK-student``, then the teacher of a teacher-only run), else ``final/``. A model directory
-    with only pickled weights is refused unless ``allow_pickle``.
-    """
-    if isinstance(src, ModelSource):
-        return src
-    path = Path(src).expanduser()
-    if not path.exists():
-        raise UserError(f'{src} does not exist; pass a model directory, a run stage directory or a run directory.')
-    if _is_run_dir(path):
-        # final/ is an export of the last finished stage; the stage itself is never stale
-        stage = _final_stage(path)
-        if stage is not None:
-            source = ModelSource(path / stage / 'model', path / stage, path, stage)
-        elif is_model_dir(path / 'final'):
-            source = ModelSource(path / 'final', None, path, None)
-        else:
-            raise UserError(f'run {path} has no finished stage yet; wait for it, or export a stage directory.')
-    elif is_model_dir(path / 'model'):
-        run = path.parent if _is_run_dir(path.parent) else None
-        source = ModelSource(path / 'model', path, run, path.name if run else None)
-    elif path.name == 'final' and _is_run_dir(path.parent):
-        stage = _final_stage(path.parent)
-        source = ModelSource(path, path.parent / stage if stage else None, path.parent, stage)
-    elif path.name == 'model' and (path.parent / 'metrics.json').is_file():
-        run = path.parent.parent if _is_run_dir(path.parent.parent) else None
-        source = ModelSource(path, path.parent, run, path.parent.name if run else None)
-    else:
-        source = ModelSource(path)
-    _check_model_dir(source.model_dir, allow_pickle)
-    return source
-
-
-def _stage_order(name: str) -> Tuple[int, int]:
-    match = _STAGE.match(name)
-    if match:
-        return int(match.group(1)), 0
-    return (1 << 30, 1) if name == _FINETUNE else (-1, 0)
-
-
-def _is_model_stage(name: str) -> bool:
-    return name == _FINETUNE or bool(_STAGE.match(name)) and not name.endswith('-labels')
-
-
-def _model_stages(run: Path) -> List[str]:
-    """Names of the run's model stages on disk (not label stages), in run order."""
-    return sorted((p.name for p in run.iterdir() if p.is_dir() and _is_model_stage(p.name)), key=_stage_order)
-
-
-def _final_stage(run: Path) -> Optional[str]:
-    """The stage the run chose for final/ (summary.json), else its last finished model stage."""
-    summary = _read_json(run / 'summary.json')
-    chosen = summary.get('final_stage') if isinstance(summary, dict) else None
-    if isinstance(chosen, str) and _is_model_stage(chosen) and (run / chosen / 'DONE').exists() \
-            and is_model_dir(run / chosen / 'model'):
-        return chosen
-    for name in reversed(_model_stages(run)):
-        if (run / name / 'DONE').exists() and is_model_dir(run / name / 'model'):
-            return name
-    return None
-
 
 # --- reading what a run left -------------------------------------------------------------------
-
-def _read_json(path: Path) -> Optional[Any]:
-    try:
-        return json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError):
-        return None
-
-
-def _summary(run: Optional[Path]) -> List[Dict[str, Any]]:
-    data = _read_json(run / 'summary.json') if run else None
-    stages = data.get('stages') if isinstance(data, dict) else None
-    return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
-
-
-def _run_config(run: Optional[Path]) -> Dict[str, Any]:
-    if run is None:
-        return {}
-    try:
-        data = yaml.safe_load((run / 'config.yaml').read_text(encoding='utf-8'))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _section(cfg: Dict[str, Any], key: str) -> Dict[str, Any]:
@@ -201,21 +75,6 @@ def _section(cfg: Dict[str, Any], key: str) -> Dict[str, Any]:
     if 'config' in value and 'name' not in value:
         value['name'] = value.pop('config')
     return value
-
-
-def _labels_dir(source: ModelSource) -> Optional[Path]:
-    """The pseudo-label directory the stage's student learned from."""
-    if source.run_dir is None or source.stage is None:
-        return None
-    match = _STAGE.match(source.stage)
-    if match and match.group(2) == 'student':
-        candidates = [source.run_dir / f'iter{match.group(1)}-labels']
-    elif source.stage == _FINETUNE:
-        candidates = sorted((p for p in source.run_dir.iterdir() if p.is_dir() and p.name.endswith('-labels')
-                             and _STAGE.match(p.name)), key=_stage_order, reverse=True)
-    else:
-        return None
-    return next((c for c in candidates if (c / 'stats.json').is_file()), None)
 
 
 def _local_roots(run: Optional[Path]) -> List[Path]:
@@ -387,12 +246,12 @@ def _labels_rows(stats: Dict[str, Any], roots: Sequence[Path]) -> List[Tuple[str
 
 def _lineage(source: ModelSource, metrics: Dict[str, Any]) -> List[Dict[str, str]]:
     """One row per model stage up to this one: iteration, stage, model, teacher, pseudo images, top-1/5."""
-    stages = [s for s in _summary(source.run_dir) if isinstance(s.get('stage'), str) and _is_model_stage(s['stage'])]
+    stages = [s for s in run_summary(source.run_dir) if isinstance(s.get('stage'), str) and is_model_stage(s['stage'])]
     if source.run_dir is not None and (not stages or source.stage not in [s['stage'] for s in stages]):
         # no summary yet, or one from before this stage: the stage directories tell the lineage
         stages, previous = [], None
-        for name in _model_stages(source.run_dir):
-            stages.append(dict(_read_json(source.run_dir / name / 'metrics.json') or {}, stage=name, teacher=previous))
+        for name in model_stages(source.run_dir):
+            stages.append(dict(read_json(source.run_dir / name / 'metrics.json') or {}, stage=name, teacher=previous))
             previous = name
     if not stages and metrics:
         role = 'student' if metrics.get('noise') else 'teacher'
@@ -404,10 +263,10 @@ def _lineage(source: ModelSource, metrics: Dict[str, Any]) -> List[Dict[str, str
     roots = _local_roots(source.run_dir)
     rows = []
     for s in stages:
-        match = _STAGE.match(s['stage'])
+        match = STAGE_NAME.match(s['stage'])
         if match:
             iteration, role = match.group(1), match.group(2)
-        elif s['stage'] == _FINETUNE:
+        elif s['stage'] == FINETUNE:
             iteration, role = '-', 'fine-tune'
         else:
             iteration, role = '-', s['stage']
@@ -415,7 +274,7 @@ def _lineage(source: ModelSource, metrics: Dict[str, Any]) -> List[Dict[str, str
         rows.append({
             'iteration': iteration, 'role': role,
             'model': _shown_path(s.get('model'), roots) if s.get('model') else '-',
-            'teacher': (f'`{teacher}`' if _STAGE.match(str(teacher)) else _shown_path(teacher, roots))
+            'teacher': (f'`{teacher}`' if STAGE_NAME.match(str(teacher)) else _shown_path(teacher, roots))
             if teacher else '-',
             'pseudo_images': _fmt_g(s.get('pseudo_images')) if role != 'teacher' else '-',
             'top1': _fmt(s.get('top1')), 'top5': _fmt(s.get('top5')),
@@ -481,7 +340,7 @@ def _params_m(architecture: str, config: Dict[str, Any]) -> Optional[str]:
 
 
 def _read_model_config(model_dir: Path) -> Dict[str, Any]:
-    config = _read_json(model_dir / 'config.json')
+    config = read_json(model_dir / 'config.json')
     if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
         raise UserError(f'{model_dir}/config.json is not a timm model config (no "architecture"); '
                         'export the model again.')
@@ -513,10 +372,10 @@ def model_card(
     source = resolve_source(src)
     config = _portable_config(_read_model_config(source.model_dir))
     pretrained_cfg = config.get('pretrained_cfg') or {}
-    metrics = (_read_json(source.stage_dir / 'metrics.json') if source.stage_dir else None) or {}
-    run_cfg = _run_config(source.run_dir)
-    labels_dir = _labels_dir(source)
-    stats = (_read_json(labels_dir / 'stats.json') if labels_dir else None) or {}
+    metrics = (read_json(source.stage_dir / 'metrics.json') if source.stage_dir else None) or {}
+    run_cfg = run_config(source.run_dir)
+    labels_dir = labels_dir_of(source)
+    stats = (read_json(labels_dir / 'stats.json') if labels_dir else None) or {}
     roots = _local_roots(source.run_dir)
     names = _label_names(config)
 
@@ -702,7 +561,7 @@ def export(
     if weights.is_file():
         _check_safetensors(weights)
     else:
-        state = read_state_dict(_pickled_weights(source.model_dir), allow_pickle=True)
+        state = read_state_dict(pickled_weights(source.model_dir), allow_pickle=True)
     config = _read_model_config(source.model_dir)
     portable = _portable_config(config)
     card = _bare_card(source, repo_id) if _is_bare(source) else None
@@ -928,7 +787,7 @@ def _commit_message(source: ModelSource) -> str:
 # --- pseudo labels as a dataset ------------------------------------------------------------------
 
 def _labels_files(labels_dir: Path) -> Tuple[Dict[str, Any], List[Path]]:
-    stats = _read_json(labels_dir / 'stats.json') if labels_dir.is_dir() else None
+    stats = read_json(labels_dir / 'stats.json') if labels_dir.is_dir() else None
     files = sorted((labels_dir / 'data').glob('*.parquet')) if labels_dir.is_dir() else []
     if not isinstance(stats, dict) or not files:
         raise UserError(f'{labels_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
@@ -943,7 +802,7 @@ def labels_card(labels_dir: Union[str, os.PathLike], repo_id: Optional[str] = No
 
     labels_dir = Path(labels_dir).expanduser()
     stats, files = _labels_files(labels_dir)
-    run = labels_dir.parent if _is_run_dir(labels_dir.parent) else None
+    run = labels_dir.parent if is_run_dir(labels_dir.parent) else None
     roots = _local_roots(run)
     src = stats.get('source') if isinstance(stats.get('source'), dict) else {}
     source_id = _hub_dataset_id(src.get('path'), roots)
@@ -954,7 +813,7 @@ def labels_card(labels_dir: Union[str, os.PathLike], repo_id: Optional[str] = No
     if run is not None:
         teacher_dir = run / 'iter0-teacher' / 'model'
         if (teacher_dir / 'config.json').is_file():
-            names = _label_names(_read_json(teacher_dir / 'config.json') or {})
+            names = _label_names(read_json(teacher_dir / 'config.json') or {})
     classes, class_summary = _count_rows(stats, names)
     repo_id = repo_id or PLACEHOLDER_REPO_ID
     card_data = DatasetCardData(

@@ -22,6 +22,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 
 from .config import UserError
 from .files import fsync_file, replace_dir
+from .rundir import is_model_dir
 
 __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
@@ -294,11 +295,6 @@ def _check_model_dir(path: Path) -> None:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a cut or foreign file
             raise UserError(f'{weights} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
                             'it may be cut short: export or copy the model again.') from None
-
-
-def is_model_dir(path: Path) -> bool:
-    """A directory that ``load_model`` reads: a ``config.json`` and its weights beside it."""
-    return path.is_dir() and (path / 'config.json').is_file()
 
 
 # pickled weight files that timm's local-dir loader reads, with torch.load(weights_only=True)

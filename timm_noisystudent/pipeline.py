@@ -7,7 +7,6 @@ stages before it, so a changed setting cannot silently mix with stale results.
 """
 import json
 import os
-import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -19,19 +18,14 @@ from .config import ModelStage, RunConfig, UserError, config_from_dict, config_h
 from .files import atomic_path, output_lock, save_config, write_json_atomic, write_text_atomic
 from .data import sources_of_run
 from .engine import check_trackers, train
+from .rundir import (
+    UNREADABLE, is_done, mark_done, missing_output, recorded_hash, remove_leftovers, stage_names, start_stage,
+)
 from .runtime import Preempted, process_state
 from .labeling import label
 from .models import architecture_of, check_model_name, count_params
 
 __all__ = ['run', 'stage_names', 'format_summary', 'students_beat_teachers']
-
-def stage_names(cfg: RunConfig) -> List[str]:
-    names = ['iter0-teacher']
-    for k in range(1, len(cfg.students) + 1):
-        names += [f'iter{k}-labels', f'iter{k}-student']
-    if cfg.finetune.epochs > 0:
-        names.append('finetune')
-    return names
 
 
 def _stage_hashes(cfg: RunConfig) -> Dict[str, str]:
@@ -57,14 +51,6 @@ def _stage_hashes(cfg: RunConfig) -> Dict[str, str]:
     return hashes
 
 
-def _is_done(stage_dir: Path) -> bool:
-    return (stage_dir / 'DONE').is_file()
-
-
-def _mark_done(stage_dir: Path, record: Dict[str, Any]) -> None:
-    write_json_atomic(stage_dir / 'DONE', record)
-
-
 def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_from: Optional[str]) -> None:
     """Refuse a run whose finished stages were made with another config; clear what is redone."""
     state = process_state()
@@ -75,21 +61,21 @@ def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_f
         stage_dir = out / name
         if not stage_dir.exists() or i >= first_redo:
             continue
-        recorded = _recorded_hash(stage_dir)
-        if recorded is _UNREADABLE:
+        recorded = recorded_hash(stage_dir)
+        if recorded is UNREADABLE:
             warnings.warn(f'{stage_dir / "stage.json"} is not valid JSON, so it is unknown what made {name}; '
                           f'redoing {name} and the stages after it.', stacklevel=2)
             first_redo = i
             break
         if recorded is not None and recorded != hashes[name]:
-            if _is_done(stage_dir):
+            if is_done(stage_dir):
                 raise UserError(
                     f'the config changed since stage {name} finished in {out}; rerun with '
                     f'--restart-from {name} to redo it and what follows, or use another --output.')
             first_redo = i  # an unfinished stage with stale checkpoints starts over
             break
     for name in names[:first_redo]:
-        missing = _missing_output(out / name) if _is_done(out / name) else None
+        missing = missing_output(out / name) if is_done(out / name) else None
         if missing:
             raise UserError(f'stage {name} is marked done but {missing}; rerun with --restart-from {name} to redo '
                             'it and what follows.')
@@ -99,41 +85,6 @@ def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_f
         if first_redo < len(names):
             shutil.rmtree(out / 'final', ignore_errors=True)
     state.wait_for_everyone()
-
-
-def _missing_output(stage_dir: Path) -> Optional[str]:
-    """What a finished stage lacks of its outputs (or holds damaged), or None."""
-    if stage_dir.name.endswith('-labels'):
-        needed = ['stats.json']
-        if not any((stage_dir / 'data').glob('*.parquet')):
-            return f'{stage_dir / "data"} holds no parquet file'
-    else:
-        needed = ['metrics.json', 'model/config.json', 'model/model.safetensors']
-    for rel in needed:
-        f = stage_dir / rel
-        if not f.is_file():
-            return f'{f} is missing'
-        if f.suffix == '.json':
-            try:
-                json.loads(f.read_text())
-            except (ValueError, UnicodeDecodeError):
-                return f'{f} is not valid JSON'
-    return None
-
-
-_UNREADABLE = object()
-
-
-def _recorded_hash(stage_dir: Path):
-    """The config hash a stage recorded, None when it has none, ``_UNREADABLE`` for a damaged stage.json."""
-    f = stage_dir / 'stage.json'
-    if not f.is_file():
-        return None
-    try:
-        recorded = json.loads(f.read_text())
-        return str(recorded['config_hash'])
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
-        return _UNREADABLE
 
 
 def _check_before_training(cfg: RunConfig) -> None:
@@ -171,31 +122,8 @@ def _check_before_training(cfg: RunConfig) -> None:
                             '`hf auth login`, or remove hub.repo_id.')
 
 
-# every writer here and below uses a hidden temp name: .NAME.tmp, .NAME.tmp-PID, .NAME.old-PID, ...
-_LEFTOVER = re.compile(r'^\..+\.(tmp|old)([-.][^/]*)?$')
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Temp files and directories that a killed run left behind in the run directory."""
-    for root, dirs, files in os.walk(out):
-        for name in [n for n in dirs + files if _LEFTOVER.match(n)]:
-            path = Path(root) / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        dirs[:] = [d for d in dirs if not _LEFTOVER.match(d)]
-
-
 def _preempted(name: str, e: Preempted) -> Preempted:
     return Preempted(f'{name}: {e} Run the same command again to resume; finished stages are skipped.', e.signal)
-
-
-def _start_stage(stage_dir: Path, config_hash_: str) -> None:
-    if process_state().is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(stage_dir / 'stage.json', {'config_hash': config_hash_})
-    process_state().wait_for_everyone()
 
 
 def _train_row(name: str, metrics: Dict[str, Any], model: str, teacher: Optional[str],
@@ -263,7 +191,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
     hashes = _stage_hashes(cfg)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(out)
+        remove_leftovers(out)
     state.wait_for_everyone()
     _check_stages(out, names, hashes, restart_from)
     if state.is_main_process:
@@ -301,12 +229,12 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
         teacher_model, teacher_name = out / source['stage'] / 'model', source['model']
         labels_dir = out / f'iter{k}-labels'
         name = f'iter{k}-labels'
-        if _is_done(labels_dir):
+        if is_done(labels_dir):
             stats = json.loads((labels_dir / 'stats.json').read_text())
             say(f'{name}: done, skipped')
         else:
             say(f"{name}: labeling {cfg.unlabeled.path} with {source['stage']} ({teacher_name})")
-            _start_stage(labels_dir, hashes[name])
+            start_stage(labels_dir, hashes[name])
             with _noted(name, notes, say):
                 try:
                     stats = label(str(teacher_model), cfg.unlabeled, labels_dir, cfg.labels, seed=cfg.seed + k,
@@ -314,7 +242,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
                 except Preempted as e:
                     raise _preempted(name, e) from None
             if state.is_main_process:
-                _mark_done(labels_dir, {'stage': name, 'rows': stats.get('rows_after'), 'teacher': source['stage']})
+                mark_done(labels_dir, {'stage': name, 'rows': stats.get('rows_after'), 'teacher': source['stage']})
             state.wait_for_everyone()
         rows.append(_labels_row(name, stats, teacher_name, source['stage']))
 
@@ -323,7 +251,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
         student_stage = replace(student, epochs=epochs[k], image_size=size)
         name = f'iter{k}-student'
         small = _warn_small_student(teacher_name, student.model)
-        if small and not _is_done(out / name):
+        if small and not is_done(out / name):
             notes.append(f'{name}: {small}')
             say(f'warning: {small}')
         same = architecture_of(student.model) is not None and \
@@ -435,18 +363,18 @@ def _validation(stage_dir: Path, cfg: RunConfig) -> Dict[str, Any]:
 
 
 def _run_train_stage(stage_dir: Path, hash_: str, say, name: str, model: str, teacher: Optional[str], fn):
-    if _is_done(stage_dir):
+    if is_done(stage_dir):
         say(f'{name}: done, skipped')
         metrics = json.loads((stage_dir / 'metrics.json').read_text())
     else:
         say(f'{name}: training {model}' + (f' on labels from {teacher}' if teacher else ''))
-        _start_stage(stage_dir, hash_)
+        start_stage(stage_dir, hash_)
         try:
             metrics = fn(stage_dir)
         except Preempted as e:
             raise _preempted(name, e) from None
         if process_state().is_main_process:
-            _mark_done(stage_dir, {'stage': name, 'top1': metrics.get('top1')})
+            mark_done(stage_dir, {'stage': name, 'top1': metrics.get('top1')})
         process_state().wait_for_everyone()
     return _train_row(name, metrics, model, teacher)
 

@@ -1,0 +1,253 @@
+"""The run directory's format, in one place: stage names, DONE markers, stage.json, final/, and
+finding the model behind a run, stage or model directory.
+
+    RUN/config.yaml  summary.json  summary.md  accuracy.png  sources/  final/
+    RUN/iter0-teacher/  iterK-labels/  iterK-student/  finetune/
+        each with stage.json (the config hash that made it) and DONE (written last)
+"""
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+from .config import RunConfig, UserError
+from .files import write_json_atomic
+from .runtime import process_state
+
+
+def is_model_dir(path: Path) -> bool:
+    """A directory that ``load_model`` reads: a ``config.json`` and its weights beside it."""
+    return path.is_dir() and (path / 'config.json').is_file()
+
+
+
+def stage_names(cfg: RunConfig) -> List[str]:
+    names = ['iter0-teacher']
+    for k in range(1, len(cfg.students) + 1):
+        names += [f'iter{k}-labels', f'iter{k}-student']
+    if cfg.finetune.epochs > 0:
+        names.append('finetune')
+    return names
+
+
+def is_done(stage_dir: Path) -> bool:
+    return (stage_dir / 'DONE').is_file()
+
+
+def mark_done(stage_dir: Path, record: Dict[str, Any]) -> None:
+    write_json_atomic(stage_dir / 'DONE', record)
+
+
+def missing_output(stage_dir: Path) -> Optional[str]:
+    """What a finished stage lacks of its outputs (or holds damaged), or None."""
+    if stage_dir.name.endswith('-labels'):
+        needed = ['stats.json']
+        if not any((stage_dir / 'data').glob('*.parquet')):
+            return f'{stage_dir / "data"} holds no parquet file'
+    else:
+        needed = ['metrics.json', 'model/config.json', 'model/model.safetensors']
+    for rel in needed:
+        f = stage_dir / rel
+        if not f.is_file():
+            return f'{f} is missing'
+        if f.suffix == '.json':
+            try:
+                json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError):
+                return f'{f} is not valid JSON'
+    return None
+
+
+UNREADABLE = object()
+
+
+def recorded_hash(stage_dir: Path):
+    """The config hash a stage recorded, None when it has none, ``UNREADABLE`` for a damaged stage.json."""
+    f = stage_dir / 'stage.json'
+    if not f.is_file():
+        return None
+    try:
+        recorded = json.loads(f.read_text())
+        return str(recorded['config_hash'])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return UNREADABLE
+
+
+# every writer here and below uses a hidden temp name: .NAME.tmp, .NAME.tmp-PID, .NAME.old-PID, ...
+LEFTOVER = re.compile(r'^\..+\.(tmp|old)([-.][^/]*)?$')
+
+
+def remove_leftovers(out: Path) -> None:
+    """Temp files and directories that a killed run left behind in the run directory."""
+    for root, dirs, files in os.walk(out):
+        for name in [n for n in dirs + files if LEFTOVER.match(n)]:
+            path = Path(root) / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        dirs[:] = [d for d in dirs if not LEFTOVER.match(d)]
+
+
+def start_stage(stage_dir: Path, config_hash_: str) -> None:
+    if process_state().is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stage_dir / 'stage.json', {'config_hash': config_hash_})
+    process_state().wait_for_everyone()
+
+
+
+PICKLE_FILES = ('pytorch_model.bin', 'model.pth', 'model.pt', 'model.bin', 'model.ckpt')
+
+
+STAGE_NAME = re.compile(r'^iter(\d+)-(teacher|student|labels)$')
+
+
+FINETUNE = 'finetune'
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """An exportable model and the run context around it (each part may be missing).
+
+    ``stage_dir`` holds the stage's ``metrics.json``; ``stage`` is its name in the run
+    (``iter2-student``), ``run_dir`` the run directory.
+    """
+    model_dir: Path
+    stage_dir: Optional[Path] = None
+    run_dir: Optional[Path] = None
+    stage: Optional[str] = None
+
+
+def is_run_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    if (path / 'summary.json').is_file():
+        return True
+    return (path / 'config.yaml').is_file() and any(
+        STAGE_NAME.match(p.name) or p.name in (FINETUNE, 'final') for p in path.iterdir() if p.is_dir())
+
+
+def pickled_weights(path: Path) -> Optional[Path]:
+    return next((path / name for name in PICKLE_FILES if (path / name).is_file()), None)
+
+
+def check_exportable(path: Path, allow_pickle: bool = False) -> None:
+    if not (path / 'config.json').is_file():
+        raise UserError(f'{path} has no config.json; pass a model directory, a run stage directory '
+                        'or a run directory.')
+    if not (path / 'model.safetensors').is_file():
+        if pickled_weights(path) is not None and not allow_pickle:
+            raise UserError(f'{path} holds only pickled weights, which are loaded only with --allow-pickle '
+                            '(tensors only, weights_only=True); `noisystudent export --allow-pickle` '
+                            'converts them to model.safetensors.')
+        if pickled_weights(path) is None:
+            raise UserError(f'{path} has config.json but no model.safetensors; export the model again.')
+
+
+def resolve_source(src: Union[str, os.PathLike, ModelSource], allow_pickle: bool = False) -> ModelSource:
+    """The model behind ``src``: a model directory, a run stage directory, or a run directory.
+
+    A run directory means its final student: the last finished stage (fine-tune, then the last
+    ``iterK-student``, then the teacher of a teacher-only run), else ``final/``. A model directory
+    with only pickled weights is refused unless ``allow_pickle``.
+    """
+    if isinstance(src, ModelSource):
+        return src
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise UserError(f'{src} does not exist; pass a model directory, a run stage directory or a run directory.')
+    if is_run_dir(path):
+        # final/ is an export of the last finished stage; the stage itself is never stale
+        stage = final_stage(path)
+        if stage is not None:
+            source = ModelSource(path / stage / 'model', path / stage, path, stage)
+        elif is_model_dir(path / 'final'):
+            source = ModelSource(path / 'final', None, path, None)
+        else:
+            raise UserError(f'run {path} has no finished stage yet; wait for it, or export a stage directory.')
+    elif is_model_dir(path / 'model'):
+        run = path.parent if is_run_dir(path.parent) else None
+        source = ModelSource(path / 'model', path, run, path.name if run else None)
+    elif path.name == 'final' and is_run_dir(path.parent):
+        stage = final_stage(path.parent)
+        source = ModelSource(path, path.parent / stage if stage else None, path.parent, stage)
+    elif path.name == 'model' and (path.parent / 'metrics.json').is_file():
+        run = path.parent.parent if is_run_dir(path.parent.parent) else None
+        source = ModelSource(path, path.parent, run, path.parent.name if run else None)
+    else:
+        source = ModelSource(path)
+    check_exportable(source.model_dir, allow_pickle)
+    return source
+
+
+def stage_order(name: str) -> Tuple[int, int]:
+    match = STAGE_NAME.match(name)
+    if match:
+        return int(match.group(1)), 0
+    return (1 << 30, 1) if name == FINETUNE else (-1, 0)
+
+
+def is_model_stage(name: str) -> bool:
+    return name == FINETUNE or bool(STAGE_NAME.match(name)) and not name.endswith('-labels')
+
+
+def model_stages(run: Path) -> List[str]:
+    """Names of the run's model stages on disk (not label stages), in run order."""
+    return sorted((p.name for p in run.iterdir() if p.is_dir() and is_model_stage(p.name)), key=stage_order)
+
+
+def final_stage(run: Path) -> Optional[str]:
+    """The stage the run chose for final/ (summary.json), else its last finished model stage."""
+    summary = read_json(run / 'summary.json')
+    chosen = summary.get('final_stage') if isinstance(summary, dict) else None
+    if isinstance(chosen, str) and is_model_stage(chosen) and (run / chosen / 'DONE').exists() \
+            and is_model_dir(run / chosen / 'model'):
+        return chosen
+    for name in reversed(model_stages(run)):
+        if (run / name / 'DONE').exists() and is_model_dir(run / name / 'model'):
+            return name
+    return None
+
+
+def read_json(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return None
+
+
+def run_summary(run: Optional[Path]) -> List[Dict[str, Any]]:
+    data = read_json(run / 'summary.json') if run else None
+    stages = data.get('stages') if isinstance(data, dict) else None
+    return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+
+
+def run_config(run: Optional[Path]) -> Dict[str, Any]:
+    if run is None:
+        return {}
+    try:
+        data = yaml.safe_load((run / 'config.yaml').read_text(encoding='utf-8'))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def labels_dir_of(source: ModelSource) -> Optional[Path]:
+    """The pseudo-label directory the stage's student learned from."""
+    if source.run_dir is None or source.stage is None:
+        return None
+    match = STAGE_NAME.match(source.stage)
+    if match and match.group(2) == 'student':
+        candidates = [source.run_dir / f'iter{match.group(1)}-labels']
+    elif source.stage == FINETUNE:
+        candidates = sorted((p for p in source.run_dir.iterdir() if p.is_dir() and p.name.endswith('-labels')
+                             and STAGE_NAME.match(p.name)), key=stage_order, reverse=True)
+    else:
+        return None
+    return next((c for c in candidates if (c / 'stats.json').is_file()), None)
