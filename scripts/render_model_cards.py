@@ -3,7 +3,7 @@
     python scripts/render_model_cards.py           # rewrite model_cards/*.md
     python scripts/render_model_cards.py --check   # exit 1 if a card is stale or missing
 
-The cards come from timm_noisystudent.hub.variant_card: the paper's numbers and the official
+The cards come from timm_noisystudent.cards.variant_card: the paper's numbers and the official
 recipes in models.NS_RECIPES, and timm's pretrained configs. Rerun after changing any of them.
 """
 import argparse
@@ -21,7 +21,7 @@ def main() -> int:
     parser.add_argument('--out', type=Path, default=ROOT / 'model_cards')
     args = parser.parse_args()
 
-    from timm_noisystudent.hub import variant_cards
+    from timm_noisystudent.cards import variant_cards
 
     cards = variant_cards()
     stale = sorted(name for name, text in cards.items()

@@ -21,7 +21,9 @@ from conftest import hub_env
 from timm_noisystudent import cli
 from timm_noisystudent.config import DataSource, ModelStage, RunConfig, TrainConfig, UserError
 from timm_noisystudent.files import save_config
-from timm_noisystudent.hub import PLACEHOLDER_REPO_ID, export, model_card, push, resolve_source
+from timm_noisystudent.cards import PLACEHOLDER_REPO_ID, model_card
+from timm_noisystudent.hub import export, push
+from timm_noisystudent.rundir import resolve_source
 from timm_noisystudent.models import data_config_of, save_model
 
 CLASSES = ['cat', 'dog', 'fish']

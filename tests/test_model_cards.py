@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from timm_noisystudent import NS_RECIPES
-from timm_noisystudent.hub import variant_cards
+from timm_noisystudent.cards import variant_cards
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / 'model_cards'

@@ -106,7 +106,7 @@ def test_a_student_below_its_teacher_is_flagged_and_best_or_last_decides_what_fo
     assert _weights(out / 'final').keys() == _weights(out / best_stage / 'model').keys()
     assert all((_weights(out / 'final')[k] == v).all() for k, v in _weights(out / best_stage / 'model').items())
     assert json.loads((out / 'summary.json').read_text())['final_stage'] == best_stage
-    from timm_noisystudent.hub import resolve_source
+    from timm_noisystudent.rundir import resolve_source
     assert resolve_source(out).stage == best_stage  # `noisystudent export RUN` exports the same model
     assert '(!)' in (out / 'summary.md').read_text()
     # iterate_from: last: the weak student labels the next iteration, and final/ is the last student
