@@ -150,7 +150,7 @@ def test_output_directory_format(reference, teacher, unlabeled):
     with Image.open(out / 'confidence.png') as img:
         assert img.size[0] > 400
     assert not list(out.rglob('.*tmp*'))
-    from timm_noisystudent.engine import read_pseudo
+    from timm_noisystudent.data import read_pseudo
     table, read_stats = read_pseudo(out)
     assert len(table) == stats['rows_after'] and read_stats == stats
 

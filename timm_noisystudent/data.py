@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -63,7 +64,7 @@ def sources_of_run(index_root: Union[str, os.PathLike], sources: Dict[str, Any],
     ``index_root/NAME`` (``save_to_disk``: the file list, the labels, ``source.json``), which every
     process then opens memory-mapped. Other sources go through ``datasets`` once each. The index is
     made again by each ``run`` invocation, so a folder changed since the last one is seen, and the
-    pairing check of ``engine.check_pairing`` then refuses labels made before the change.
+    pairing check of ``check_pairing`` then refuses labels made before the change.
     """
     global _RESOLVED
     main = state is None or state.is_main_process
@@ -723,3 +724,156 @@ def collate(rows: Dict[str, list]) -> Batch:
     return Batch(pixels, label, index, skipped)
 
 
+def source_columns(source) -> Dict[str, Optional[str]]:
+    if isinstance(source, DataSource):
+        return {'image': source.image_column, 'label': source.label_column}
+    return {'image': None, 'label': None}
+
+
+def read_pseudo(pseudo_dir: Path) -> tuple:
+    """The selected pseudo labels of a label directory, and its stats."""
+    pseudo_dir = Path(pseudo_dir)
+    stats_file = pseudo_dir / 'stats.json'
+    files = sorted((pseudo_dir / 'data').glob('*.parquet'))
+    if not stats_file.is_file() or not files:
+        raise UserError(f'{pseudo_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
+                        'make one with `noisystudent label`.')
+    stats = json.loads(stats_file.read_text())
+    if stats.get('rows_after') == 0:
+        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
+    table = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
+    if len(table) == 0:
+        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
+    return table, stats
+
+
+def unlabeled_of(pseudo_dir, stats: Dict[str, Any]) -> DataSource:
+    """The unlabeled source a label directory names: by its resolved path where it has one."""
+    record = dict(stats.get('source') or {})
+    if not record.get('path'):
+        raise UserError(f'{pseudo_dir}/stats.json does not say which unlabeled set it labels; '
+                        'pass it with --unlabeled-data.')
+    resolved = record.pop('resolved', None)
+    if resolved:
+        record['path'] = resolved
+    return DataSource(**{k: v for k, v in record.items() if k in DataSource.__dataclass_fields__})
+
+
+def check_pairing(pseudo_dir: Path, stats: Dict[str, Any], ds, image_column: str, source) -> None:
+    """Refuse pseudo labels whose row indices would point at other images than the ones labeled."""
+    then = stats.get('source_identity')
+    if not then:
+        warnings.warn(f'{pseudo_dir} records no identity of the set it labeled (made by an older version), so '
+                      'the pairing of its labels with the unlabeled images is not checked.', stacklevel=2)
+        return
+    now = source_identity(ds, image_column, source)
+    why = identity_mismatch(then, now)
+    if why is None:
+        return
+    shown = getattr(as_source(source), 'path', None) or 'the given dataset'
+    stage = pseudo_dir.name
+    redo = (f'rerun the run with --restart-from {stage}' if re.fullmatch(r'iter\d+-labels', stage)
+            else 'label it again with `noisystudent label`, or pass the set it was labeled from with --unlabeled-data')
+    raise UserError(f'the unlabeled set {shown} does not match the pseudo labels in {pseudo_dir}, which were made '
+                    f'from {then.get("where")}: {why}; {redo}.')
+
+
+def make_loader(rows, batch_size, shuffle, num_workers, drop_last=False):
+    # An own generator: starting an iterator must not draw from the global RNG, or a resumed
+    # run (which starts one mid-epoch) would shift every dropout mask after it.
+    return torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
+        drop_last=drop_last, generator=torch.Generator().manual_seed(0))
+
+
+
+def eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_classes):
+    ds = load_source(source)
+    if isinstance(ds, datasets.IterableDataset):
+        raise UserError('evaluation data cannot be streamed; drop streaming for the eval split.')
+    cols = source_columns(as_source(source))
+    label_col = label_column_of(ds, cols['label'])
+    names = label_names_of(ds, label_col)
+    if names and len(names) != num_classes:
+        # image folders number classes by sorted folder name: a missing class shifts every index
+        raise UserError(f'the eval data has {len(names)} classes ({label_col!r}) but the model has {num_classes}; '
+                        'evaluate on data with the same classes (an image folder needs all class folders).')
+    check_labels(ds, label_col, num_classes, what='eval')
+    import timm
+    rows = ImageRows(ds, image_column_of(ds, cols['image']), timm.data.create_transform(**data_config),
+                     label_column=label_col)
+    return make_loader(rows, batch_size, shuffle=False, num_workers=num_workers)
+
+def labeled_set(source: SourceLike):
+    """A labeled source loaded and checked: the dataset, its image and label columns, names and class count."""
+    src = as_source(source)
+    ds = load_source(src)
+    if isinstance(ds, datasets.IterableDataset):
+        raise UserError('the labeled set cannot be streamed; it is read many times.')
+    cols = source_columns(src)
+    image_col = image_column_of(ds, cols['image'])
+    label_col = label_column_of(ds, cols['label'])
+    num_classes = num_classes_of(ds, label_col)
+    check_labels(ds, label_col, num_classes)
+    return ds, image_col, label_col, label_names_of(ds, label_col), num_classes
+
+
+@dataclass
+class TrainRows:
+    """What a stage trains on: ``main`` batches of ``main_batch`` (a student's pseudo-labeled rows, or a
+    teacher's labeled rows) and, for a student, ``labeled`` batches of ``side_batch`` beside them."""
+    main: Any
+    main_batch: int
+    labeled: 'ImageRows'
+    side_batch: Optional[int]
+    hard: bool
+    pseudo_rows: int = 0
+
+    @property
+    def images_per_step(self) -> int:
+        return self.main_batch + (self.side_batch or 0)
+
+
+def train_rows(labeled_ds, image_col: str, label_col: str, num_classes: int, data_config: Dict[str, Any],
+               batch_size: int, seed: int, pseudo: Optional[os.PathLike] = None, unlabeled: Optional[SourceLike] = None,
+               randaugment: Optional[str] = None, unlabeled_ratio: int = 1, unaugmented: bool = False) -> TrainRows:
+    """A teacher's rows (crop/flip, or the eval transform when ``unaugmented``), or a student's: its
+    pseudo labels, paired with the unlabeled set they were made from, and the labeled rows, all noised."""
+    from . import augment
+
+    if pseudo is None:
+        import timm
+        light = timm.data.create_transform(**data_config) if unaugmented else augment.teacher_transform(data_config)
+        rows = ImageRows(labeled_ds, image_col, light, label_column=label_col, seed=seed)
+        return TrainRows(rows, batch_size, rows, None, hard=True)
+    pseudo_table, stats = read_pseudo(Path(pseudo))
+    src = as_source(unlabeled) if unlabeled is not None else unlabeled_of(pseudo, stats)
+    unlabeled_ds = load_source(src)
+    if isinstance(unlabeled_ds, datasets.IterableDataset):
+        raise UserError('student training needs random access to the unlabeled set; '
+                        'save it to disk (or drop streaming) for training.')
+    un_image_col = image_column_of(unlabeled_ds, source_columns(src)['image'])
+    check_pairing(Path(pseudo), stats, unlabeled_ds, un_image_col, src)
+    teacher_classes = int(stats.get('num_classes', num_classes))
+    if teacher_classes != num_classes:
+        raise UserError(f'the pseudo labels have {teacher_classes} classes but the labeled set has '
+                        f'{num_classes}; label with a teacher trained on this labeled set.')
+    noisy = augment.student_transform(data_config, randaugment)
+    un_rows = ImageRows(unlabeled_ds, un_image_col, noisy, seed=seed + 1)
+    labeled_rows = ImageRows(labeled_ds, image_col, noisy, label_column=label_col, seed=seed)
+    # an epoch passes over the longer stream, so the student's budget never follows the kept rows
+    labeled_steps = math.ceil(len(labeled_rows) / batch_size)
+    hard = not stats.get('soft', True)
+    main = PseudoRows(pseudo_table, un_rows, num_classes, hard=hard,
+                      min_length=labeled_steps * batch_size * unlabeled_ratio)
+    return TrainRows(main, batch_size * unlabeled_ratio, labeled_rows, batch_size, hard, pseudo_rows=main.rows)
+
+
+def train_loaders(rows: TrainRows, num_workers: int):
+    """The main loader and, for a student, the labeled one; each shuffles with its own generator."""
+    main = make_loader(rows.main, rows.main_batch, True, num_workers, drop_last=len(rows.main) > rows.main_batch)
+    if rows.side_batch is None:
+        return main, None
+    side = make_loader(rows.labeled, rows.side_batch, True, num_workers,
+                       drop_last=len(rows.labeled) > rows.side_batch)
+    return main, side

@@ -9,7 +9,6 @@ import json
 import difflib
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -17,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import datasets
-import timm
 import torch
 import torch.nn.functional as F
 from accelerate import skip_first_batches
@@ -35,9 +32,7 @@ from . import augment
 from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
 from .files import append_jsonl, keep_jsonl_until, output_lock, write_json_atomic
 from .data import (
-    ImageRows, PseudoRows, SourceLike, as_source, check_labels, collate,
-    identity_mismatch, image_column_of, label_column_of, label_names_of, load_source, num_classes_of,
-    source_identity,
+    SourceLike, as_source, eval_loader, labeled_set, train_loaders, train_rows,
 )
 from .runtime import (
     Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
@@ -125,66 +120,12 @@ def resolve_stage(stage: ModelStage, train_cfg: TrainConfig, noise: NoiseConfig,
         dropout=dropout, drop_path=drop_path, unlabeled_ratio=ratio, opt=opt)
 
 
-def _source_columns(source) -> Dict[str, Optional[str]]:
-    if isinstance(source, DataSource):
-        return {'image': source.image_column, 'label': source.label_column}
-    return {'image': None, 'label': None}
-
-
 def _source_record(source) -> Optional[Dict[str, Any]]:
     """Where an evaluation came from, for the model card; None for in-memory datasets."""
     source = as_source(source) if source is not None else None
     if not isinstance(source, DataSource):
         return None
     return {'path': source.path, 'name': source.name, 'split': source.split}
-
-
-def read_pseudo(pseudo_dir: Path) -> tuple:
-    """The selected pseudo labels of a label directory, and its stats."""
-    pseudo_dir = Path(pseudo_dir)
-    stats_file = pseudo_dir / 'stats.json'
-    files = sorted((pseudo_dir / 'data').glob('*.parquet'))
-    if not stats_file.is_file() or not files:
-        raise UserError(f'{pseudo_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
-                        'make one with `noisystudent label`.')
-    stats = json.loads(stats_file.read_text())
-    if stats.get('rows_after') == 0:
-        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
-    table = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
-    if len(table) == 0:
-        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
-    return table, stats
-
-
-def _labeled_from(pseudo_dir, stats: Dict[str, Any]) -> DataSource:
-    """The unlabeled source a label directory names: by its resolved path where it has one."""
-    record = dict(stats.get('source') or {})
-    if not record.get('path'):
-        raise UserError(f'{pseudo_dir}/stats.json does not say which unlabeled set it labels; '
-                        'pass it with --unlabeled-data.')
-    resolved = record.pop('resolved', None)
-    if resolved:
-        record['path'] = resolved
-    return DataSource(**{k: v for k, v in record.items() if k in DataSource.__dataclass_fields__})
-
-
-def check_pairing(pseudo_dir: Path, stats: Dict[str, Any], ds, image_column: str, source) -> None:
-    """Refuse pseudo labels whose row indices would point at other images than the ones labeled."""
-    then = stats.get('source_identity')
-    if not then:
-        warnings.warn(f'{pseudo_dir} records no identity of the set it labeled (made by an older version), so '
-                      'the pairing of its labels with the unlabeled images is not checked.', stacklevel=2)
-        return
-    now = source_identity(ds, image_column, source)
-    why = identity_mismatch(then, now)
-    if why is None:
-        return
-    shown = getattr(as_source(source), 'path', None) or 'the given dataset'
-    stage = pseudo_dir.name
-    redo = (f'rerun the run with --restart-from {stage}' if re.fullmatch(r'iter\d+-labels', stage)
-            else f'label it again with `noisystudent label`, or pass the set it was labeled from with --unlabeled-data')
-    raise UserError(f'the unlabeled set {shown} does not match the pseudo labels in {pseudo_dir}, which were made '
-                    f'from {then.get("where")}: {why}; {redo}.')
 
 
 class _Cycle:
@@ -217,14 +158,6 @@ class _Cycle:
         if self.seen % len(self.loader) == 0:
             self._it = None
         return batch
-
-
-def _loader(rows, batch_size, shuffle, num_workers, drop_last=False):
-    # An own generator: starting an iterator must not draw from the global RNG, or a resumed
-    # run (which starts one mid-epoch) would shift every dropout mask after it.
-    return torch.utils.data.DataLoader(
-        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
-        drop_last=drop_last, generator=torch.Generator().manual_seed(0))
 
 
 def _checkpoint_dirs(root: Path):
@@ -362,23 +295,6 @@ def evaluate(model, loader, accelerator, num_classes: int) -> Dict[str, float]:
             'loss': loss_sum / count, 'images': count, 'skipped': skipped}
 
 
-def _eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_classes):
-    ds = load_source(source)
-    if isinstance(ds, datasets.IterableDataset):
-        raise UserError('evaluation data cannot be streamed; drop streaming for the eval split.')
-    cols = _source_columns(as_source(source))
-    label_col = label_column_of(ds, cols['label'])
-    names = label_names_of(ds, label_col)
-    if names and len(names) != num_classes:
-        # image folders number classes by sorted folder name: a missing class shifts every index
-        raise UserError(f'the eval data has {len(names)} classes ({label_col!r}) but the model has {num_classes}; '
-                        'evaluate on data with the same classes (an image folder needs all class folders).')
-    check_labels(ds, label_col, num_classes, what='eval')
-    rows = ImageRows(ds, image_column_of(ds, cols['image']), timm.data.create_transform(**data_config),
-                     label_column=label_col)
-    return _loader(rows, batch_size, shuffle=False, num_workers=num_workers)
-
-
 def train(
         stage: ModelStage,
         labeled: SourceLike,
@@ -415,11 +331,10 @@ def train(
 
 def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, noise, seed, resume, progress,
            freeze_blocks, unaugmented, allow_pickle, init_from) -> Dict[str, Any]:
-    """``train`` itself, while it holds the output directory's lock."""
+    """``train`` itself, while it holds the output directory's lock: setup, the loop, the export."""
     train_cfg = train_cfg or TrainConfig()
-    noise = noise or NoiseConfig()
     student = pseudo is not None
-    spec = resolve_stage(stage, train_cfg, noise, student)
+    spec = resolve_stage(stage, train_cfg, noise or NoiseConfig(), student)
     check_trackers(train_cfg.log_with)
     output = Path(output)
     accelerator = make_accelerator(
@@ -430,19 +345,8 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
         output.mkdir(parents=True, exist_ok=True)
     set_seed(seed)
 
-    # data
-    labeled_src = as_source(labeled)
-    labeled_ds = load_source(labeled_src)
-    if isinstance(labeled_ds, datasets.IterableDataset):
-        raise UserError('the labeled set cannot be streamed; it is read many times.')
-    cols = _source_columns(labeled_src)
-    image_col = image_column_of(labeled_ds, cols['image'])
-    label_col = label_column_of(labeled_ds, cols['label'])
-    label_names = label_names_of(labeled_ds, label_col)
-    num_classes = num_classes_of(labeled_ds, label_col)
-    check_labels(labeled_ds, label_col, num_classes)
-
-    # model: a new head when the class count differs from the source's
+    labeled_ds, image_col, label_col, label_names, num_classes = labeled_set(labeled)
+    # a new head when the class count differs from the source's
     checkpoint = Path(init_from) / 'model.safetensors' if init_from is not None else None
     model = load_model(spec.model, pretrained=spec.pretrained and checkpoint is None, num_classes=num_classes,
                        drop_rate=spec.dropout, drop_path_rate=spec.drop_path, allow_pickle=allow_pickle,
@@ -454,211 +358,210 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
         warnings.warn(small, stacklevel=2)
     _freeze_early_blocks(model, freeze_blocks)
 
-    B = spec.batch_size
-    if student:
-        pseudo_table, pseudo_stats = read_pseudo(Path(pseudo))
-        unlabeled_src = as_source(unlabeled) if unlabeled is not None else _labeled_from(pseudo, pseudo_stats)
-        unlabeled_ds = load_source(unlabeled_src)
-        if isinstance(unlabeled_ds, datasets.IterableDataset):
-            raise UserError('student training needs random access to the unlabeled set; '
-                            'save it to disk (or drop streaming) for training.')
-        un_image_col = image_column_of(unlabeled_ds, _source_columns(unlabeled_src)['image'])
-        check_pairing(Path(pseudo), pseudo_stats, unlabeled_ds, un_image_col, unlabeled_src)
-        teacher_classes = int(pseudo_stats.get('num_classes', num_classes))
-        if teacher_classes != num_classes:
-            raise UserError(f'the pseudo labels have {teacher_classes} classes but the labeled set has '
-                            f'{num_classes}; label with a teacher trained on this labeled set.')
-        hard = not pseudo_stats.get('soft', True)
-        noisy = augment.student_transform(data_config, spec.randaugment)
-        un_rows = ImageRows(unlabeled_ds, un_image_col, noisy, seed=seed + 1)
-        labeled_rows = ImageRows(labeled_ds, image_col, noisy, label_column=label_col, seed=seed)
-        # an epoch passes over the longer stream, so the student's budget never follows the kept rows
-        labeled_steps = math.ceil(len(labeled_rows) / B)
-        main_rows = PseudoRows(pseudo_table, un_rows, num_classes, hard=hard,
-                               min_length=labeled_steps * B * spec.unlabeled_ratio)
-        main_batch = B * spec.unlabeled_ratio
-    else:
-        hard = True
-        light = timm.data.create_transform(**data_config) if unaugmented else augment.teacher_transform(data_config)
-        labeled_rows = ImageRows(labeled_ds, image_col, light,
-                                 label_column=label_col, seed=seed)
-        main_rows, main_batch = labeled_rows, B
-    num_workers = choose_workers(train_cfg.num_workers, main_rows, model, data_config['input_size'],
-                                 accelerator.device, train=True,
-                                 batch_size=main_batch + (B if student else 0))
-    main_loader = _loader(main_rows, main_batch, True, num_workers, drop_last=len(main_rows) > main_batch)
-    side_loader = _loader(labeled_rows, B, True, num_workers, drop_last=len(labeled_rows) > B) if student else None
-
-    eval_loader = None
-    if eval_data is not None:
-        eval_loader = _eval_loader(eval_data, data_config, train_cfg.eval_batch_size or 2 * B, num_workers,
-                                   num_classes)
+    rows = train_rows(labeled_ds, image_col, label_col, num_classes, data_config, spec.batch_size, seed,
+                      pseudo=pseudo, unlabeled=unlabeled, randaugment=spec.randaugment,
+                      unlabeled_ratio=spec.unlabeled_ratio, unaugmented=unaugmented)
+    num_workers = choose_workers(train_cfg.num_workers, rows.main, model, data_config['input_size'],
+                                 accelerator.device, train=True, batch_size=rows.images_per_step)
+    main_loader, side_loader = train_loaders(rows, num_workers)
+    eval_batches = None if eval_data is None else eval_loader(
+        eval_data, data_config, train_cfg.eval_batch_size or 2 * spec.batch_size, num_workers, num_classes)
 
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt_kwargs = {k: v for k, v in spec.opt.items() if k in ('opt', 'weight_decay', 'momentum')}
-    optimizer = create_optimizer_v2(model, lr=spec.lr, **opt_kwargs) if len(trainable) == len(
-        list(model.parameters())) else create_optimizer_v2(trainable, lr=spec.lr, **opt_kwargs)
-
+    optimizer = _optimizer(model, spec)
     if train_cfg.compile:
         model = torch.compile(model)
     model, optimizer, main_loader = accelerator.prepare(model, optimizer, main_loader)
-    if side_loader is not None:
-        side_loader = accelerator.prepare(side_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    side_loader = accelerator.prepare(side_loader) if side_loader is not None else None
+    eval_batches = accelerator.prepare(eval_batches) if eval_batches is not None else None
+    run = _Run(accelerator, model, optimizer, main_loader, side_loader, eval_batches, spec, train_cfg, rows,
+               num_classes, output, progress)
+    run.restore(resume)
+    run.loop(num_workers)
 
-    steps_per_epoch = len(main_loader)
-    updates_per_epoch = math.ceil(steps_per_epoch / train_cfg.grad_accum_steps)
-    # short epochs (a small labeled set) are repeated until the stage has its minimum of steps
-    epochs = max(spec.epochs, math.ceil(train_cfg.min_steps / steps_per_epoch)) if train_cfg.min_steps else spec.epochs
-    total_steps = steps_per_epoch * epochs
-    if train_cfg.max_steps:
-        total_steps = min(total_steps, train_cfg.max_steps)
-    sched_kwargs = {k: spec.opt[k] for k in ('decay_epochs', 'decay_rate') if k in spec.opt}
-    # warmup never takes more than a tenth of a short run
-    warmup = min(float(spec.opt.get('warmup_epochs', 0)), 0.1 * epochs)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=spec.opt['sched'], num_epochs=epochs, warmup_epochs=warmup,
-        min_lr=spec.opt.get('min_lr', 0.0), warmup_lr=spec.lr * 0.01, step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch, **sched_kwargs)
-    ema_decay = train_cfg.ema_decay or default_ema_decay(math.ceil(total_steps / train_cfg.grad_accum_steps))
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=ema_decay, use_warmup=train_cfg.ema_warmup,
-                     device=accelerator.device)
-
-    ckpt_root = output / 'checkpoints'
-    state = {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'updates': 0, 'side_seen': 0, 'images': 0,
-             'seconds': 0.0}
-    if resume:
-        last = _resume_from(accelerator, ema, ckpt_root)
-        if last is not None:
-            state = json.loads((last / 'trainer_state.json').read_text())
-            accelerator.print(f'resuming from {last} (epoch {state["epoch"]}, step {state["step"]})')
-            if accelerator.is_main_process:
-                keep_jsonl_until(output / 'metrics.jsonl', state['step'])
-    elif _latest_checkpoint(ckpt_root) is not None and not (output / 'metrics.json').is_file():
-        raise UserError(f'{output} holds the checkpoints of an unfinished training; pass --resume to continue it, '
-                        f'or remove {ckpt_root} (or choose another --output) to start over.')
-    elif accelerator.is_main_process:
-        # a fresh start must not mix with an older run's history
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        for name in ('metrics.jsonl', 'metrics.json'):
-            (output / name).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-    if train_cfg.log_with:
-        accelerator.init_trackers(output.name, config={'model': spec.model, 'epochs': epochs, 'lr': spec.lr,
-                                                       'batch_size': B, 'student': student})
-
-    soft_ce = SoftTargetCrossEntropy()
-    side = _Cycle(side_loader, state['side_seen']) if side_loader is not None else None
-    bar = tqdm(total=total_steps, initial=state['step'], disable=not (progress and accelerator.is_main_process),
-               desc=f"{'student' if student else 'teacher'} {spec.model}", dynamic_ncols=True, leave=False)
-    metrics: Dict[str, Any] = {}
-    t_start = time.perf_counter() - state['seconds']
-    window_t, window_imgs = time.perf_counter(), 0
-    with StopFlag() as stop, bar, torch_threads(cpu_threads(num_workers, accelerator.device)):
-        # the bar is cleared however the loop ends; the thread count is restored too
-        while state['step'] < total_steps:
-            epoch = state['epoch']
-            main_loader.set_epoch(epoch)
-            main_loader.dataset.set_epoch(epoch)
-            loader = main_loader
-            if state['step_in_epoch']:
-                loader = skip_first_batches(main_loader, state['step_in_epoch'])
-            model.train()
-            for batch in loader:
-                x, y = batch.pixel_values, batch.label
-                n_main = x.shape[0]
-                if side is not None:
-                    lb = side.next()
-                    x = torch.cat([lb.pixel_values, x]) if n_main else lb.pixel_values
-                    n_lab = lb.pixel_values.shape[0]
-                x = x.to(accelerator.device, non_blocking=True)
-                if train_cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        logits = model(x).float()
-                    if side is None:
-                        loss = F.cross_entropy(logits, y.to(accelerator.device),
-                                               label_smoothing=train_cfg.label_smoothing)
-                    else:
-                        loss = F.cross_entropy(logits[:n_lab], lb.label.to(accelerator.device),
-                                               label_smoothing=train_cfg.label_smoothing)
-                        if n_main:
-                            target = y.to(accelerator.device)
-                            u = (F.cross_entropy(logits[n_lab:], target, label_smoothing=train_cfg.label_smoothing)
-                                 if hard else soft_ce(logits[n_lab:], target))
-                            loss = loss + spec.unlabeled_ratio * u
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    state['updates'] += 1
-                    scheduler.step_update(state['updates'])
-                    ema.update(accelerator.unwrap_model(model), step=state['updates'])
-                state['step'] += 1
-                state['step_in_epoch'] += 1
-                state['side_seen'] = side.seen if side is not None else 0
-                images = x.shape[0] * accelerator.num_processes
-                state['images'] += images
-                window_imgs += images
-                lr = optimizer.param_groups[0]['lr']
-                if bar.n % 5 == 0 or state['step'] == total_steps:
-                    now = time.perf_counter()
-                    bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}',
-                                    img_s=f'{window_imgs / max(now - window_t, 1e-9):.1f}')
-                    window_t, window_imgs = now, 0
-                bar.update(1)
-                if train_cfg.log_with:
-                    accelerator.log({'train/loss': loss.item(), 'train/lr': lr}, step=state['step'])
-                epoch_done = state['step_in_epoch'] >= steps_per_epoch
-                if epoch_done:
-                    state['epoch'] += 1
-                    state['step_in_epoch'] = 0
-                state['seconds'] = time.perf_counter() - t_start
-                every = train_cfg.checkpoint_every
-                # a stop at an epoch's last step waits for the epoch's evaluation and checkpoint below
-                stop_signal = _stop_requested(accelerator, stop)
-                stop_now = stop_signal is not None and not epoch_done
-                if stop_now or (every and state['step'] % every == 0 and not epoch_done):
-                    _save_checkpoint(accelerator, ckpt_root, state, train_cfg.keep_checkpoints, ema)
-                    if stop_now:
-                        raise _preempted(stop_signal, state, ckpt_root)
-                if epoch_done or state['step'] >= total_steps:
-                    break
-            metrics = _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg,
-                                    eval_every=max(1, math.ceil(epochs / 10)),
-                                    last=state['step'] >= total_steps)
-            _save_checkpoint(accelerator, ckpt_root, state, train_cfg.keep_checkpoints, ema)
-            stop_signal = _stop_requested(accelerator, stop)  # also one that came during the evaluation
-            if stop_signal is not None:
-                raise _preempted(stop_signal, state, ckpt_root)
-    bar.close()
-
-    if not metrics and eval_loader is not None:  # resumed after the last step
-        metrics = evaluate(ema.module, eval_loader, accelerator, num_classes)
-    final = {'top1': metrics.get('top1'), 'top5': metrics.get('top5'), 'loss': metrics.get('loss'),
-             'epoch': state['epoch'], 'epochs': epochs, 'step': state['step'], 'images_seen': state['images'],
-             'seconds': round(state['seconds'], 2),
-             'img_per_s': round(state['images'] / max(state['seconds'], 1e-9), 2),
-             'num_workers': num_workers, 'labeled_images': len(labeled_rows), 'pseudo_images': main_rows.rows if student else 0,
-             'model': spec.model, 'num_classes': num_classes, 'image_size': data_config['input_size'][-1],
+    final = {**run.summary(), 'num_workers': num_workers, 'labeled_images': len(rows.labeled),
+             'pseudo_images': rows.pseudo_rows, 'model': spec.model, 'num_classes': num_classes,
+             'image_size': data_config['input_size'][-1],
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
                        'unlabeled_ratio': spec.unlabeled_ratio} if student else None,
-             'ema_decay': ema_decay, 'lr': spec.lr, 'batch_size': B,
+             'ema_decay': run.ema_decay, 'lr': spec.lr, 'batch_size': spec.batch_size,
              'eval': _source_record(eval_data)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export_model = ema.module
-        save_model(export_model, output / 'model', label_names=label_names, data_config=data_config)
+        save_model(run.ema.module, output / 'model', label_names=label_names, data_config=data_config)
         write_json_atomic(output / 'metrics.json', final)
     accelerator.wait_for_everyone()
     if train_cfg.log_with:
         accelerator.end_training()
     return final
+
+
+def _optimizer(model: torch.nn.Module, spec: Stage):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt_kwargs = {k: v for k, v in spec.opt.items() if k in ('opt', 'weight_decay', 'momentum')}
+    params = model if len(trainable) == len(list(model.parameters())) else trainable
+    return create_optimizer_v2(params, lr=spec.lr, **opt_kwargs)
+
+
+class _Run:
+    """One stage's training state: schedule, EMA, checkpoints, and the loop over steps."""
+
+    def __init__(self, accelerator, model, optimizer, main_loader, side_loader, eval_loader, spec: Stage,
+                 train_cfg: TrainConfig, rows, num_classes: int, output: Path, progress: bool):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.main_loader, self.side_loader, self.eval_loader = main_loader, side_loader, eval_loader
+        self.spec, self.cfg, self.hard, self.num_classes = spec, train_cfg, rows.hard, num_classes
+        self.output, self.progress, self.ckpt_root = output, progress, output / 'checkpoints'
+        self.steps_per_epoch = len(main_loader)
+        updates_per_epoch = math.ceil(self.steps_per_epoch / train_cfg.grad_accum_steps)
+        # short epochs (a small labeled set) are repeated until the stage has its minimum of steps
+        self.epochs = (max(spec.epochs, math.ceil(train_cfg.min_steps / self.steps_per_epoch))
+                       if train_cfg.min_steps else spec.epochs)
+        self.total_steps = self.steps_per_epoch * self.epochs
+        if train_cfg.max_steps:
+            self.total_steps = min(self.total_steps, train_cfg.max_steps)
+        sched_kwargs = {k: spec.opt[k] for k in ('decay_epochs', 'decay_rate') if k in spec.opt}
+        # warmup never takes more than a tenth of a short run
+        warmup = min(float(spec.opt.get('warmup_epochs', 0)), 0.1 * self.epochs)
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer, sched=spec.opt['sched'], num_epochs=self.epochs, warmup_epochs=warmup,
+            min_lr=spec.opt.get('min_lr', 0.0), warmup_lr=spec.lr * 0.01, step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch, **sched_kwargs)
+        self.ema_decay = train_cfg.ema_decay or default_ema_decay(
+            math.ceil(self.total_steps / train_cfg.grad_accum_steps))
+        self.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=self.ema_decay,
+                              use_warmup=train_cfg.ema_warmup, device=accelerator.device)
+        self.state = {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'updates': 0, 'side_seen': 0, 'images': 0,
+                      'seconds': 0.0}
+        self.metrics: Dict[str, Any] = {}
+
+    def restore(self, resume: bool) -> None:
+        """Resume from the newest readable checkpoint, refuse to restart over an unfinished one, or start clean."""
+        accelerator, output, ckpt_root = self.accelerator, self.output, self.ckpt_root
+        if resume:
+            last = _resume_from(accelerator, self.ema, ckpt_root)
+            if last is not None:
+                self.state = json.loads((last / 'trainer_state.json').read_text())
+                accelerator.print(f'resuming from {last} (epoch {self.state["epoch"]}, step {self.state["step"]})')
+                if accelerator.is_main_process:
+                    keep_jsonl_until(output / 'metrics.jsonl', self.state['step'])
+        elif _latest_checkpoint(ckpt_root) is not None and not (output / 'metrics.json').is_file():
+            raise UserError(f'{output} holds the checkpoints of an unfinished training; pass --resume to continue '
+                            f'it, or remove {ckpt_root} (or choose another --output) to start over.')
+        elif accelerator.is_main_process:
+            # a fresh start must not mix with an older run's history
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            for name in ('metrics.jsonl', 'metrics.json'):
+                (output / name).unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+        if self.cfg.log_with:
+            accelerator.init_trackers(output.name, config={
+                'model': self.spec.model, 'epochs': self.epochs, 'lr': self.spec.lr,
+                'batch_size': self.spec.batch_size, 'student': self.side_loader is not None})
+
+    def _loss(self, batch, side):
+        """One step's loss: CE on the labeled images, plus ratio x (soft) CE on the pseudo-labeled ones."""
+        accelerator, cfg = self.accelerator, self.cfg
+        x, y = batch.pixel_values, batch.label
+        n_main = x.shape[0]
+        if side is not None:
+            lb = side.next()
+            x = torch.cat([lb.pixel_values, x]) if n_main else lb.pixel_values
+            n_lab = lb.pixel_values.shape[0]
+        x = x.to(accelerator.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = self.model(x).float()
+        if side is None:
+            return F.cross_entropy(logits, y.to(accelerator.device), label_smoothing=cfg.label_smoothing), x.shape[0]
+        loss = F.cross_entropy(logits[:n_lab], lb.label.to(accelerator.device), label_smoothing=cfg.label_smoothing)
+        if n_main:
+            target = y.to(accelerator.device)
+            u = (F.cross_entropy(logits[n_lab:], target, label_smoothing=cfg.label_smoothing)
+                 if self.hard else self.soft_ce(logits[n_lab:], target))
+            loss = loss + self.spec.unlabeled_ratio * u
+        return loss, x.shape[0]
+
+    def loop(self, num_workers: int) -> None:
+        accelerator, state, cfg = self.accelerator, self.state, self.cfg
+        model, optimizer, main_loader = self.model, self.optimizer, self.main_loader
+        self.soft_ce = SoftTargetCrossEntropy()
+        side = _Cycle(self.side_loader, state['side_seen']) if self.side_loader is not None else None
+        bar = tqdm(total=self.total_steps, initial=state['step'],
+                   disable=not (self.progress and accelerator.is_main_process),
+                   desc=f"{'student' if side is not None else 'teacher'} {self.spec.model}", dynamic_ncols=True,
+                   leave=False)
+        t_start = time.perf_counter() - state['seconds']
+        window_t, window_imgs = time.perf_counter(), 0
+        with StopFlag() as stop, bar, torch_threads(cpu_threads(num_workers, accelerator.device)):
+            # the bar is cleared however the loop ends; the thread count is restored too
+            while state['step'] < self.total_steps:
+                epoch = state['epoch']
+                main_loader.set_epoch(epoch)
+                main_loader.dataset.set_epoch(epoch)
+                loader = main_loader
+                if state['step_in_epoch']:
+                    loader = skip_first_batches(main_loader, state['step_in_epoch'])
+                model.train()
+                for batch in loader:
+                    with accelerator.accumulate(model):
+                        loss, n_images = self._loss(batch, side)
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        state['updates'] += 1
+                        self.scheduler.step_update(state['updates'])
+                        self.ema.update(accelerator.unwrap_model(model), step=state['updates'])
+                    state['step'] += 1
+                    state['step_in_epoch'] += 1
+                    state['side_seen'] = side.seen if side is not None else 0
+                    images = n_images * accelerator.num_processes
+                    state['images'] += images
+                    window_imgs += images
+                    lr = optimizer.param_groups[0]['lr']
+                    if bar.n % 5 == 0 or state['step'] == self.total_steps:
+                        now = time.perf_counter()
+                        bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}',
+                                        img_s=f'{window_imgs / max(now - window_t, 1e-9):.1f}')
+                        window_t, window_imgs = now, 0
+                    bar.update(1)
+                    if cfg.log_with:
+                        accelerator.log({'train/loss': loss.item(), 'train/lr': lr}, step=state['step'])
+                    epoch_done = state['step_in_epoch'] >= self.steps_per_epoch
+                    if epoch_done:
+                        state['epoch'] += 1
+                        state['step_in_epoch'] = 0
+                    state['seconds'] = time.perf_counter() - t_start
+                    every = cfg.checkpoint_every
+                    # a stop at an epoch's last step waits for the epoch's evaluation and checkpoint below
+                    stop_signal = _stop_requested(accelerator, stop)
+                    stop_now = stop_signal is not None and not epoch_done
+                    if stop_now or (every and state['step'] % every == 0 and not epoch_done):
+                        _save_checkpoint(accelerator, self.ckpt_root, state, cfg.keep_checkpoints, self.ema)
+                        if stop_now:
+                            raise _preempted(stop_signal, state, self.ckpt_root)
+                    if epoch_done or state['step'] >= self.total_steps:
+                        break
+                self.metrics = _end_of_epoch(accelerator, self.ema, self.eval_loader, self.num_classes, state,
+                                             self.output, loss, cfg, eval_every=max(1, math.ceil(self.epochs / 10)),
+                                             last=state['step'] >= self.total_steps)
+                _save_checkpoint(accelerator, self.ckpt_root, state, cfg.keep_checkpoints, self.ema)
+                stop_signal = _stop_requested(accelerator, stop)  # also one that came during the evaluation
+                if stop_signal is not None:
+                    raise _preempted(stop_signal, state, self.ckpt_root)
+        bar.close()
+
+    def summary(self) -> Dict[str, Any]:
+        metrics, state = self.metrics, self.state
+        if not metrics and self.eval_loader is not None:  # resumed after the last step
+            metrics = evaluate(self.ema.module, self.eval_loader, self.accelerator, self.num_classes)
+        return {'top1': metrics.get('top1'), 'top5': metrics.get('top5'), 'loss': metrics.get('loss'),
+                'epoch': state['epoch'], 'epochs': self.epochs, 'step': state['step'],
+                'images_seen': state['images'], 'seconds': round(state['seconds'], 2),
+                'img_per_s': round(state['images'] / max(state['seconds'], 1e-9), 2)}
 
 
 def _end_of_epoch(accelerator, ema, eval_loader, num_classes, state, output, loss, train_cfg,
@@ -706,7 +609,7 @@ def evaluate_model(
     model = load_model(model_spec, allow_pickle=allow_pickle)
     data_config = data_config_of(model, image_size)
     workers = num_workers_for(num_workers, data_config['input_size'][-1], accelerator.device)
-    loader = _eval_loader(data, data_config, batch_size, workers, model.num_classes)
+    loader = eval_loader(data, data_config, batch_size, workers, model.num_classes)
     model = model.to(memory_format=torch.channels_last)
     model, loader = accelerator.prepare(model, loader)
     with torch_threads(cpu_threads(workers, accelerator.device)):
