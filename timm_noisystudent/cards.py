@@ -15,8 +15,8 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from .config import UserError
 from .models import NS_RECIPES, count_params
 from .rundir import (
-    FINETUNE, STAGE_NAME, ModelSource, is_model_stage, is_run_dir, labels_dir_of, model_stages, read_json,
-    resolve_source, run_config, run_summary,
+    FINETUNE, STAGE_NAME, ModelSource, is_model_stage, is_run_dir, labels_dir_of, labels_files, model_stages,
+    read_json, resolve_source, run_config, run_summary,
 )
 
 __all__ = ['model_card', 'labels_card', 'variant_card', 'variant_cards', 'PLACEHOLDER_REPO_ID', 'DEFAULT_LICENSE',
@@ -318,14 +318,12 @@ def _params_m(architecture: str, config: Dict[str, Any]) -> Optional[str]:
 
     if not timm.is_model(architecture):
         return None
+    kwargs = dict(config.get('model_args') or {})
+    kwargs.setdefault('num_classes', int(config.get('num_classes', 1000)))
     try:
-        with __import__('torch').device('meta'):
-            kwargs = dict(config.get('model_args') or {})
-            kwargs.setdefault('num_classes', int(config.get('num_classes', 1000)))
-            model = timm.create_model(architecture, **kwargs)
+        return f'{count_params(architecture, **kwargs) / 1e6:.2f}'
     except Exception:  # unusual model_args: the count is a nicety, not worth failing an export
         return None
-    return f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}'
 
 
 def read_model_config(model_dir: Path) -> Dict[str, Any]:
@@ -508,15 +506,6 @@ def bare_card(source: ModelSource, repo_id: Optional[str]) -> Optional[str]:
         text = text.replace(f'\n{_PLACEHOLDER_NOTE}\n', '')
         text = text.replace(f'hf-hub:{PLACEHOLDER_REPO_ID}', f'hf-hub:{repo_id}')
     return text
-
-
-def labels_files(labels_dir: Path) -> Tuple[Dict[str, Any], List[Path]]:
-    stats = read_json(labels_dir / 'stats.json') if labels_dir.is_dir() else None
-    files = sorted((labels_dir / 'data').glob('*.parquet')) if labels_dir.is_dir() else []
-    if not isinstance(stats, dict) or not files:
-        raise UserError(f'{labels_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
-                        'make one with `noisystudent label`.')
-    return stats, files
 
 
 def labels_card(labels_dir: Union[str, os.PathLike], repo_id: Optional[str] = None,

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from .config import DataSource, UserError
+from .rundir import labels_files
 
 IMAGE_COLUMNS = ('image', 'img', 'pixel_values')
 LABEL_COLUMNS = ('label', 'labels', 'fine_label')
@@ -732,13 +733,7 @@ def source_columns(source) -> Dict[str, Optional[str]]:
 
 def read_pseudo(pseudo_dir: Path) -> tuple:
     """The selected pseudo labels of a label directory, and its stats."""
-    pseudo_dir = Path(pseudo_dir)
-    stats_file = pseudo_dir / 'stats.json'
-    files = sorted((pseudo_dir / 'data').glob('*.parquet'))
-    if not stats_file.is_file() or not files:
-        raise UserError(f'{pseudo_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
-                        'make one with `noisystudent label`.')
-    stats = json.loads(stats_file.read_text())
+    stats, files = labels_files(Path(pseudo_dir))
     if stats.get('rows_after') == 0:
         raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
     table = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
@@ -803,6 +798,15 @@ def eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_cl
     rows = ImageRows(ds, image_column_of(ds, cols['image']), timm.data.create_transform(**data_config),
                      label_column=label_col)
     return make_loader(rows, batch_size, shuffle=False, num_workers=num_workers)
+
+def source_record(source, full: bool = False) -> Optional[Dict[str, Any]]:
+    """A source as a JSON record (path, name, split; ``full`` adds columns and streaming); None in memory."""
+    source = as_source(source) if source is not None else None
+    if not isinstance(source, DataSource):
+        return None
+    keys = ('path', 'name', 'split') + (('image_column', 'label_column', 'streaming') if full else ())
+    return {k: getattr(source, k) for k in keys}
+
 
 def labeled_set(source: SourceLike):
     """A labeled source loaded and checked: the dataset, its image and label columns, names and class count."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from .config import RunConfig, UserError, config_from_dict
-from .files import write_json_atomic
+from .files import replace_dir, write_json_atomic
 from .pipeline import run, students_beat_teachers
 from .runtime import process_state
 
@@ -66,8 +66,7 @@ def write_demo_data(root: Union[str, os.PathLike], per_class: int = 10, n_test: 
     write_json_atomic(tmp / 'hidden_labels.json', hidden)
     info = {'labeled': int(len(labeled)), 'test': int(len(test)), 'unlabeled': int(len(unlabeled)), 'size': size}
     write_json_atomic(tmp / 'DONE', info)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    replace_dir(tmp, root)
     return info
 
 

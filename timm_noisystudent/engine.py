@@ -29,10 +29,10 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from . import augment
-from .config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
-from .files import append_jsonl, keep_jsonl_until, output_lock, write_json_atomic
+from .config import ModelStage, NoiseConfig, TrainConfig, UserError
+from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
 from .data import (
-    SourceLike, as_source, eval_loader, labeled_set, train_loaders, train_rows,
+    SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
 )
 from .runtime import (
     Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
@@ -120,14 +120,6 @@ def resolve_stage(stage: ModelStage, train_cfg: TrainConfig, noise: NoiseConfig,
         dropout=dropout, drop_path=drop_path, unlabeled_ratio=ratio, opt=opt)
 
 
-def _source_record(source) -> Optional[Dict[str, Any]]:
-    """Where an evaluation came from, for the model card; None for in-memory datasets."""
-    source = as_source(source) if source is not None else None
-    if not isinstance(source, DataSource):
-        return None
-    return {'path': source.path, 'name': source.name, 'split': source.split}
-
-
 class _Cycle:
     """Endless batches from a prepared loader, one pass after another, resumable by count."""
 
@@ -182,10 +174,8 @@ def _save_checkpoint(accelerator, root: Path, state: Dict[str, Any], keep: int, 
             write_json_atomic(tmp / 'trainer_state.json', state)
             for f in tmp.iterdir():
                 if f.is_file():
-                    with open(f, 'rb') as fh:
-                        os.fsync(fh.fileno())
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+                    fsync_file(f)
+            replace_dir(tmp, final)
             for old in _checkpoint_dirs(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -386,7 +376,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
                        'unlabeled_ratio': spec.unlabeled_ratio} if student else None,
              'ema_decay': run.ema_decay, 'lr': spec.lr, 'batch_size': spec.batch_size,
-             'eval': _source_record(eval_data)}
+             'eval': source_record(eval_data)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(run.ema.module, output / 'model', label_names=label_names, data_config=data_config)

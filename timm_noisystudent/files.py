@@ -13,7 +13,7 @@ from typing import Any, Iterator, Union
 from .config import UserError, config_to_yaml
 
 __all__ = ['atomic_path', 'fsync_file', 'replace_dir', 'remove_tree', 'write_text_atomic', 'write_json_atomic',
-           'append_jsonl', 'keep_jsonl_until', 'save_config', 'output_lock', 'LOCK_NAME']
+           'append_jsonl', 'keep_jsonl_until', 'save_figure', 'save_config', 'output_lock', 'LOCK_NAME']
 
 
 def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
@@ -149,3 +149,13 @@ def keep_jsonl_until(path: Union[str, os.PathLike], step: int) -> None:
         except ValueError:  # a line cut short by a kill
             continue
     write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows if r.get('step', 0) <= step))
+
+
+def save_figure(fig, path: Union[str, os.PathLike], dpi: int = 100) -> None:
+    """A matplotlib figure laid out, written atomically as PNG, and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format='png')
+    plt.close(fig)

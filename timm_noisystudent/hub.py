@@ -23,9 +23,9 @@ from huggingface_hub import HfApi
 from .config import UserError
 from .files import fsync_file, replace_dir
 from .cards import (
-    bare_card, labels_card, labels_files, model_card, portable_config, read_model_config,
+    bare_card, labels_card, model_card, portable_config, read_model_config,
 )
-from .rundir import ModelSource, pickled_weights, resolve_source
+from .rundir import ModelSource, labels_files, pickled_weights, resolve_source
 from .models import read_state_dict
 
 __all__ = ['export', 'push', 'push_labels', 'portable_stats', 'check_repo_id', 'check_revision']

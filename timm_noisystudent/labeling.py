@@ -41,10 +41,10 @@ from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
 from .config import DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError
-from .files import atomic_path, output_lock, remove_tree, write_json_atomic
+from .files import atomic_path, output_lock, remove_tree, replace_dir, save_figure, write_json_atomic
 from .data import (
     EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of,
-    check_output_outside, load_source, source_identity, undecoded,
+    check_output_outside, load_source, source_identity, source_record, undecoded,
 )
 from .runtime import (
     Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
@@ -487,12 +487,6 @@ def _label_streaming(ds, image_col, transform, labeler, raw: Path, batch_size, r
     return done
 
 
-def _source_record(source) -> Optional[Dict[str, Any]]:
-    if isinstance(source, DataSource):
-        return {k: getattr(source, k) for k in ('path', 'name', 'split', 'image_column', 'label_column', 'streaming')}
-    return None
-
-
 def _prepare_raw(raw: Path, manifest: Dict[str, Any]) -> bool:
     """Keep the raw shards only if they were made the same way; True when some are reused."""
     raw.mkdir(parents=True, exist_ok=True)
@@ -606,7 +600,7 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
     rows_per_shard = rows_per_shard or 32 * cfg.batch_size
     fingerprint = None if streaming else getattr(ds, '_fingerprint', None)
     identity = source_identity(ds, image_col, src)
-    record = _source_record(src)
+    record = source_record(src, full=True)
     if record is not None:
         record['image_column'] = image_col
         if identity['where'] != record['path']:
@@ -770,11 +764,7 @@ def _write_selected(output: Path, files: List[Path], sizes: List[int], picked: n
         written += 1
     if not written:  # nothing selected: still a loadable, empty table with the columns
         _write_parquet(_schema(topk).empty_table(), tmp / 'empty.parquet')
-    final, old = output / 'data', output / f'.data.old-{os.getpid()}'
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    remove_tree(old)
+    replace_dir(tmp, output / 'data')
 
 
 def _plot(path: Path, conf: np.ndarray, sel: Dict[str, Any], threshold: float, label_names: Sequence[str]) -> None:
@@ -802,7 +792,4 @@ def _plot(path: Path, conf: np.ndarray, sel: Dict[str, Any], threshold: float, l
     ax2.set_ylabel('images')
     ax2.set_title('per-class counts')
     ax2.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format='png')
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)

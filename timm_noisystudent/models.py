@@ -22,7 +22,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 
 from .config import UserError
 from .files import fsync_file, replace_dir
-from .rundir import is_model_dir
+from .rundir import PICKLE_FILES, TIMM_PICKLES, is_model_dir
 
 __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
@@ -199,10 +199,10 @@ def architecture_of(spec: Union[str, os.PathLike]) -> Optional[str]:
     return recipe.base if recipe else name.split('.')[0]
 
 
-def count_params(model_name: str) -> int:
-    """Parameter count of a registered model, built on the meta device so L2 costs nothing."""
+def count_params(model_name: str, **kwargs) -> int:
+    """Parameter count of a registered model (``kwargs`` to timm), built on the meta device so L2 costs nothing."""
     with torch.device('meta'):
-        model = timm.create_model(model_name)
+        model = timm.create_model(model_name, **kwargs)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -297,15 +297,11 @@ def _check_model_dir(path: Path) -> None:
                             'it may be cut short: export or copy the model again.') from None
 
 
-# pickled weight files that timm's local-dir loader reads, with torch.load(weights_only=True)
-_PICKLED_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
-
-
 def _check_weights_file(path: Path, allow_pickle: bool = False) -> None:
     if (path / 'model.safetensors').is_file():
         return
-    pickled = next((n for n in _PICKLED_WEIGHTS + ('model.pt',) if (path / n).exists()), None)
-    if pickled in _PICKLED_WEIGHTS and allow_pickle:
+    pickled = next((n for n in PICKLE_FILES if (path / n).exists()), None)
+    if pickled in TIMM_PICKLES and allow_pickle:
         return
     if pickled:
         raise UserError(

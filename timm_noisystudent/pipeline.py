@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .config import ModelStage, RunConfig, UserError, config_from_dict, config_hash, config_to_dict, stage_epochs
-from .files import atomic_path, output_lock, save_config, write_json_atomic, write_text_atomic
+from .files import output_lock, save_config, save_figure, write_json_atomic, write_text_atomic
 from .data import sources_of_run
 from .engine import check_trackers, train
 from .rundir import (
@@ -430,10 +430,7 @@ def plot_accuracy(summary: Dict[str, Any], path: Path) -> None:
     ax.set_ylabel('top-1 (%)')
     ax.set_title('Noisy Student: top-1 per iteration')
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format='png')
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _export_final(stage_dir: Path, out: Path) -> None:

@@ -101,8 +101,10 @@ def start_stage(stage_dir: Path, config_hash_: str) -> None:
     process_state().wait_for_everyone()
 
 
-
-PICKLE_FILES = ('pytorch_model.bin', 'model.pth', 'model.pt', 'model.bin', 'model.ckpt')
+# pickled weight files: timm's local-dir loader reads the first three (torch.load(weights_only=True));
+# `export --allow-pickle` converts any of them to model.safetensors
+TIMM_PICKLES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+PICKLE_FILES = TIMM_PICKLES + ('model.pt', 'model.bin', 'model.ckpt')
 
 
 STAGE_NAME = re.compile(r'^iter(\d+)-(teacher|student|labels)$')
@@ -251,3 +253,15 @@ def labels_dir_of(source: ModelSource) -> Optional[Path]:
     else:
         return None
     return next((c for c in candidates if (c / 'stats.json').is_file()), None)
+
+
+def labels_files(labels_dir: Path) -> Tuple[Dict[str, Any], List[Path]]:
+    """A pseudo-label directory's stats.json and selected shards (data/*.parquet), or a one-line error."""
+    labels_dir = Path(labels_dir)
+    stats = read_json(labels_dir / 'stats.json') if labels_dir.is_dir() else None
+    files = sorted((labels_dir / 'data').glob('*.parquet')) if labels_dir.is_dir() else []
+    if not isinstance(stats, dict) or not files:
+        raise UserError(f'{labels_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
+                        'make one with `noisystudent label`.')
+    return stats, files
+
