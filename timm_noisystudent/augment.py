@@ -29,7 +29,7 @@ from timm.data import create_transform
 from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP, RandAugment, rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 
-from .config import UserError
+from .config import SMALL_IMAGE_MAX, UserError
 
 __all__ = [
     'NoiseSpec', 'NoiseSpecError', 'TF_OPS', 'SMALL_IMAGE_EXCLUDED_OPS', 'parse_noise_spec',
@@ -49,7 +49,6 @@ SMALL_IMAGE_EXCLUDED_OPS = ('Invert', 'Solarize', 'SolarizeAdd')
 _TF_LEVEL_DENOM = 10.  # official _MAX_LEVEL; timm's _LEVEL_DENOM is the same, so its level fns fit
 _TF_MAX_MAGNITUDE = 27  # the largest magnitude in the official recipes (B7, L2) and its flag default
 _TF_DEFAULT_NUM_OPS = 2
-_SMALL_IMAGE_MAX = 64
 _FILL = (128, 128, 128)  # the official replace value for empty pixels and cutout
 _DEFAULT_RESAMPLE = Image.Resampling.BILINEAR
 
@@ -156,7 +155,7 @@ def _parse_tf_sections(spec: str, sections: Sequence[str]) -> NoiseSpec:
     return NoiseSpec(kind='tf', config=spec, magnitude=values['m'], num_ops=values['n'])
 
 
-def is_small_image(image_size: Union[int, Sequence[int]], small_image_max: int = _SMALL_IMAGE_MAX) -> bool:
+def is_small_image(image_size: Union[int, Sequence[int]], small_image_max: int = SMALL_IMAGE_MAX) -> bool:
     """True when the gentle small-image policy applies (shorter side <= small_image_max)."""
     return _shorter_side(image_size) <= small_image_max
 
@@ -251,7 +250,7 @@ def tf_rand_augment_ops(
         image_size: Union[int, Sequence[int]],
         fill=_FILL,
         interpolation: str = 'bilinear',
-        small_image_max: int = _SMALL_IMAGE_MAX,
+        small_image_max: int = SMALL_IMAGE_MAX,
 ) -> list:
     """The official-style ops for this image size, each a callable PIL -> PIL with a .name."""
     policy = _policy(image_size, small_image_max)
@@ -272,7 +271,7 @@ def tf_rand_augment_transform(
         image_size: Union[int, Sequence[int]],
         fill=_FILL,
         interpolation: str = 'bilinear',
-        small_image_max: int = _SMALL_IMAGE_MAX,
+        small_image_max: int = SMALL_IMAGE_MAX,
 ) -> RandAugment:
     """Official-style RandAugment: num_ops ops drawn uniformly with replacement, all applied."""
     ops = tf_rand_augment_ops(magnitude, image_size, fill, interpolation, small_image_max)
@@ -285,7 +284,7 @@ def noise_transform(
         image_size: Union[int, Sequence[int]],
         fill=_FILL,
         interpolation: str = 'bilinear',
-        small_image_max: int = _SMALL_IMAGE_MAX,
+        small_image_max: int = SMALL_IMAGE_MAX,
 ) -> Optional[Callable[[Image.Image], Image.Image]]:
     """The PIL input-noise transform for a spec, or None when the spec means no noise.
 
@@ -317,7 +316,7 @@ def student_transform(
         data_config: dict,
         noise: Optional[str],
         fill=_FILL,
-        small_image_max: int = _SMALL_IMAGE_MAX,
+        small_image_max: int = SMALL_IMAGE_MAX,
         **kwargs,
 ) -> transforms.Compose:
     """timm's training transform with the student's input noise between crop/flip and ToTensor.
@@ -344,7 +343,7 @@ def student_transform(
 
 def teacher_transform(
         data_config: dict,
-        small_image_max: int = _SMALL_IMAGE_MAX,
+        small_image_max: int = SMALL_IMAGE_MAX,
         **kwargs,
 ) -> transforms.Compose:
     """timm's training transform with crop/flip only: no RandAugment, no color jitter."""

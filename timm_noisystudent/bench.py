@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UserError
+from .files import text_table
 
 __all__ = ['run_bench', 'format_table', 'make_images', 'DEFAULTS']
 
@@ -657,12 +658,12 @@ def _device_name(dev: torch.device) -> str:
     return f'cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores'
 
 
-def _fmt(v: Optional[float], spec: str = '.1f', suffix: str = '') -> str:
+def _figure(v: Optional[float], spec: str = '.1f', suffix: str = '') -> str:
     return '-' if v is None else f'{v:{spec}}{suffix}'
 
 
 def _row(name: str, rate: Optional[float], baseline: Optional[float], ceiling: Optional[float]) -> tuple:
-    return (name, _fmt(rate), _fmt(_ratio(rate, baseline), '.2f', 'x'), _fmt(_pct(rate, ceiling), '.0f', '%'))
+    return (name, _figure(rate), _figure(_ratio(rate, baseline), '.2f', 'x'), _figure(_pct(rate, ceiling), '.0f', '%'))
 
 
 def format_table(r: Dict[str, Any]) -> str:
@@ -689,25 +690,22 @@ def format_table(r: Dict[str, Any]) -> str:
         _row(f"ceiling: bare forward+backward ({_prec(tr_runs['ceiling']['precision'])}, channels_last)",
              tr_ceil, tr_base, tr_ceil),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"noisystudent bench: {s['model']} at {s['image_size'] or 'its own size'}, batch {s['batch_size']}, "
              f"{r['device']}, torch {r['torch']}, {s['num_workers']} workers, "
              f"load {r['load_avg_start']} -> {r['load_avg_end']}"]
-    for row in rows:
-        lines.append('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     if any(row) else '')
+    lines.append(text_table(rows, rule=False))
     rss, agree = s['rss_images'], r['agreement']
     lines += [
         '',
-        f"student vs the tuned plain loop: {_fmt(tr['ratio_to_tuned'], '.2f', 'x')}",
+        f"student vs the tuned plain loop: {_figure(tr['ratio_to_tuned'], '.2f', 'x')}",
         'project processes keep freed memory (glibc: mmap off, trim above 2 GiB): '
         + ('yes' if tr_runs['student'].get('keeps_freed_memory') else 'no') + '; the plain loops run with the defaults',
         f"labeling peak RSS: {lab['peak_rss_mb']:.0f} MB at {rss[1]} images, {lab['peak_rss_mb_small']:.0f} MB "
-        f"at {rss[0]} (ratio {_fmt(lab['rss_ratio_8n_vs_n'], '.3f')})",
-        f"labels vs the timm docs loop: {_fmt(_pct(lab['agreement_with_baseline'], 1.0), '.2f', '%')} same top-1 "
+        f"at {rss[0]} (ratio {_figure(lab['rss_ratio_8n_vs_n'], '.3f')})",
+        f"labels vs the timm docs loop: {_figure(_pct(lab['agreement_with_baseline'], 1.0), '.2f', '%')} same top-1 "
         f"on {lr['baseline']['images']} images",
-        f"bf16 vs fp32 top-1 agreement: {_fmt(_pct(agree['agreement'], 1.0), '.2f', '%')} of {agree['images']} "
-        f"images (fp32 median top-1 probability {_fmt(agree['median_top1_prob'], '.4f')})"
+        f"bf16 vs fp32 top-1 agreement: {_figure(_pct(agree['agreement'], 1.0), '.2f', '%')} of {agree['images']} "
+        f"images (fp32 median top-1 probability {_figure(agree['median_top1_prob'], '.4f')})"
         + ('' if s['fast_bf16'] else '; bf16 is emulated and slow here, so labeling runs fp32'),
         f"total {r['seconds']:.0f} s",
     ]
@@ -893,13 +891,11 @@ def run_scale(sizes: Sequence[int], workdir: Optional[os.PathLike] = None, selec
 def format_scale(r: Dict[str, Any]) -> str:
     head = ('N', 'index (s)', 'open (s)', 'label set-up (s)', 'selection (s)', 'selection RSS (MB)',
             'first student step (s)')
-    rows = [head] + [(f"{x['n']:,}", _fmt(x.get('index_s'), '.2f'), _fmt(x.get('open_s'), '.2f'),
-                      _fmt(x.get('label_setup_s'), '.2f'), _fmt(x.get('selection_s'), '.2f'),
-                      _fmt(x.get('selection_rss_mb'), '.0f'), _fmt(x.get('first_step_s'), '.2f'))
+    rows = [head] + [(f"{x['n']:,}", _figure(x.get('index_s'), '.2f'), _figure(x.get('open_s'), '.2f'),
+                      _figure(x.get('label_setup_s'), '.2f'), _figure(x.get('selection_s'), '.2f'),
+                      _figure(x.get('selection_rss_mb'), '.0f'), _figure(x.get('first_step_s'), '.2f'))
                      for x in r['sizes']]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ['  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, '  '.join('-' * w for w in widths))
+    lines = [text_table(rows, left=0)]
     lines.append(f"{r['device']}; selection: {r['selection']['classes']} classes, top-{r['selection']['topk']} "
                  'labels, threshold 0.3, per_class auto')
     return '\n'.join(lines)

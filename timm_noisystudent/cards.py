@@ -122,7 +122,7 @@ def _hub_model_id(spec: Optional[str], pretrained: bool) -> Optional[str]:
     return getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def _card_number(value: Any, digits: int = 2) -> str:
     if value is None:
         return '-'
     if isinstance(value, bool):
@@ -266,7 +266,7 @@ def _lineage(source: ModelSource, metrics: Dict[str, Any]) -> List[Dict[str, str
             'teacher': (f'`{teacher}`' if STAGE_NAME.match(str(teacher)) else _shown_path(teacher, roots))
             if teacher else '-',
             'pseudo_images': _fmt_g(s.get('pseudo_images')) if role != 'teacher' else '-',
-            'top1': _fmt(s.get('top1')), 'top5': _fmt(s.get('top5')),
+            'top1': _card_number(s.get('top1')), 'top5': _card_number(s.get('top5')),
         })
     return rows
 
@@ -423,8 +423,8 @@ def model_card(
         num_classes=config.get('num_classes', '-'),
         class_preview=_class_preview(names),
         input_desc=_input_desc(pretrained_cfg),
-        top1=_fmt(metrics.get('top1')) if metrics.get('top1') is not None else None,
-        top5=_fmt(metrics.get('top5')),
+        top1=_card_number(metrics.get('top1')) if metrics.get('top1') is not None else None,
+        top5=_card_number(metrics.get('top5')),
         eval_desc=eval_desc,
         data_rows=data_rows,
         lineage=lineage,

@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .config import UserError
+from .config import MIXED_PRECISION_CHOICES, PRESETS, UserError
 
 
 def _print_main(text: str) -> None:
@@ -30,6 +30,7 @@ def _at_least(args, low: int, *names: str) -> None:
 
 
 def _cmd_models(args) -> None:
+    from .files import text_table
     from .models import NS_RECIPES, count_params
 
     def fmt(v):
@@ -43,12 +44,7 @@ def _cmd_models(args) -> None:
     if args.json:
         _print_main(json.dumps({name: r.to_dict() for name, r in NS_RECIPES.items()}, indent=2))
         return
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, '  '.join('-' * w for w in widths))
-    lines.append('top-1: ImageNet, arXiv 1911.04252; "-" where the paper reports none.')
-    _print_main('\n'.join(lines))
+    _print_main(text_table(rows) + '\ntop-1: ImageNet, arXiv 1911.04252; "-" where the paper reports none.')
 
 
 def _cmd_predict(args) -> None:
@@ -321,14 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, help='passes over the data (default 30; see README, "What epochs mean")')
     p.add_argument('--batch-size', type=int, help='labeled images per step (default 64)')
     p.add_argument('--lr', type=float, help='peak learning rate (default: the preset\'s; small-data 6e-3)')
-    p.add_argument('--preset', choices=['small-data', 'paper'],
+    p.add_argument('--preset', choices=list(PRESETS),
                    help='optimizer recipe: small-data (AdamW, cosine; default) or paper (RMSProp-TF, step decay)')
     p.add_argument('--ema-decay', type=float, help='EMA of the weights (default: from the run length)')
     p.add_argument('--randaugment', help="student input noise: 'none', 'rand-m9-n2-mstd0.5' or 'tf-m15-n2'")
     p.add_argument('--dropout', type=float, help='dropout before the classifier (default: the recipe, else 0.2)')
     p.add_argument('--drop-path', type=float, help='stochastic depth (default: a student\'s recipe, else 0.2; a teacher 0)')
     p.add_argument('--unlabeled-ratio', type=int, help='pseudo-labeled images per labeled image in a batch')
-    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'],
+    p.add_argument('--mixed-precision', choices=MIXED_PRECISION_CHOICES,
                    help='auto: bf16 (or fp16) on a GPU, fp32 on CPU (default auto)')
     p.add_argument('--grad-accum-steps', type=int, help='batches per optimizer step (default 1)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -359,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--topk', type=int, help='store the top-k probabilities instead of all (default: 10 above 100 classes)')
     p.add_argument('--batch-size', type=int, help='images per forward pass (default 128)')
     p.add_argument('--image-size', type=int, help="the teacher's input size (default: its own data config)")
-    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'],
+    p.add_argument('--mixed-precision', choices=MIXED_PRECISION_CHOICES,
                    help='auto: bf16 on a GPU or a CPU with fast bf16, else fp32 (default auto)')
     p.add_argument('--seed', type=int, default=0, help='seed of the duplication draw when balancing')
     p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
@@ -423,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(split=None)
     p.add_argument('--batch-size', type=int, default=64, help='images per forward pass (default 64)')
     p.add_argument('--image-size', type=int, help="square input size (default: the model's own)")
-    p.add_argument('--mixed-precision', choices=['auto', 'bf16', 'fp16', 'no'], default='auto',
+    p.add_argument('--mixed-precision', choices=MIXED_PRECISION_CHOICES, default='auto',
                    help='auto: bf16 on a GPU or a CPU with fast bf16, else fp32 (default auto)')
     p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
     p.add_argument('--json', action='store_true', help='print the metrics as JSON')

@@ -28,7 +28,7 @@ __all__ = [
     'UserError', 'DataSource', 'ModelStage', 'LabelsConfig', 'NoiseConfig', 'TrainConfig',
     'FinetuneConfig', 'HubConfig', 'RunConfig', 'from_dict', 'config_from_dict', 'load_config',
     'read_config_dict', 'apply_overrides', 'config_to_dict', 'config_to_yaml',
-    'config_hash', 'stage_epochs', 'epochs_note', 'MIXED_PRECISION_CHOICES', 'PRESETS', 'DEFAULT_EPOCHS',
+    'config_hash', 'stage_epochs', 'epochs_note', 'MIXED_PRECISION_CHOICES', 'PRESETS', 'SMALL_IMAGE_MAX', 'DEFAULT_EPOCHS',
     'DEFAULT_UNLABELED_RATIO', 'DEFAULT_TOPK', 'FULL_PROBS_MAX_CLASSES', 'ITERATE_FROM_CHOICES',
     'STUDENT_INIT_CHOICES',
 ]
@@ -39,7 +39,15 @@ class UserError(Exception):
 
 
 MIXED_PRECISION_CHOICES = ('auto', 'bf16', 'fp16', 'no')
-PRESETS = ('small-data', 'paper')
+# px: at or below, an image is small: small-image RandAugment ops, and decoding costs about what the model does
+SMALL_IMAGE_MAX = 64
+# the paper's presets; `small-data` fits short CPU runs on a few thousand images
+PRESETS = {  # the optimizer recipe of each train.preset
+    'small-data': dict(opt='adamw', lr=6e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1.0,
+                       min_lr=1e-5, momentum=0.9),
+    'paper': dict(opt='rmsproptf', lr=0.016, weight_decay=1e-5, sched='step', warmup_epochs=5.0,
+                  min_lr=0.0, momentum=0.9, decay_epochs=2.4, decay_rate=0.97),
+}
 PER_CLASS_WORDS = ('auto', 'none')
 ITERATE_FROM_CHOICES = ('best', 'last')  # which model labels the next iteration
 STUDENT_INIT_CHOICES = ('teacher', 'scratch')  # where a student of its teacher's architecture starts

@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from . import augment
-from .config import ModelStage, NoiseConfig, TrainConfig, UserError
+from .config import PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError
 from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
 from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
@@ -41,15 +41,6 @@ from .runtime import (
 from .models import (
     data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model, small_input_warning,
 )
-
-# the paper's presets; `small-data` fits short CPU runs on a few thousand images
-PRESETS = {
-    'small-data': dict(opt='adamw', lr=6e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1.0,
-                       min_lr=1e-5, momentum=0.9),
-    'paper': dict(opt='rmsproptf', lr=0.016, weight_decay=1e-5, sched='step', warmup_epochs=5.0,
-                  min_lr=0.0, momentum=0.9, decay_epochs=2.4, decay_rate=0.97),
-}
-
 
 # the student noise at 64 px and below when neither the config nor the variant's recipe names one:
 # on CIFAR-10 with 4,000 labels (test_efficientnet, 32 px) it lifted the last student from 58.6%

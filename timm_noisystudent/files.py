@@ -13,7 +13,7 @@ from typing import Any, Iterator, Union
 from .config import UserError, config_to_yaml
 
 __all__ = ['atomic_path', 'fsync_file', 'replace_dir', 'remove_tree', 'write_text_atomic', 'write_json_atomic',
-           'append_jsonl', 'keep_jsonl_until', 'save_figure', 'save_config', 'output_lock', 'LOCK_NAME']
+           'append_jsonl', 'keep_jsonl_until', 'save_figure', 'text_table', 'save_config', 'output_lock', 'LOCK_NAME']
 
 
 def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
@@ -159,3 +159,15 @@ def save_figure(fig, path: Union[str, os.PathLike], dpi: int = 100) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format='png')
     plt.close(fig)
+
+
+def text_table(rows, left: int = 1, rule: bool = True) -> str:
+    """Rows of cells as aligned plain text: the first ``left`` columns to the left, the rest to the right,
+    a rule under the first row when ``rule``; a row of empty cells stays an empty line."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(max(len(r) for r in rows))]
+    lines = ['  '.join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             if any(row) else '' for row in rows]
+    if rule:
+        lines.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(lines)

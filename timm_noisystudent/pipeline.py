@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .config import ModelStage, RunConfig, UserError, config_from_dict, config_hash, config_to_dict, stage_epochs
-from .files import output_lock, save_config, save_figure, write_json_atomic, write_text_atomic
+from .files import output_lock, save_config, save_figure, text_table, write_json_atomic, write_text_atomic
 from .data import sources_of_run
 from .engine import check_trackers, train
 from .rundir import (
@@ -288,7 +288,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
     summary = {'stages': rows, 'flags': flags, 'notes': notes, 'final_stage': final_stage,
                'iterate_from': cfg.iterate_from, 'selected_by': _selected_by(cfg)}
     if final_stage != rows[-1]['stage']:
-        notes.append(f"final/ is {final_stage} (top-1 {_fmt(chosen['top1'])}), the best model of the run by "
+        notes.append(f"final/ is {final_stage} (top-1 {_number(chosen['top1'])}), the best model of the run by "
                      f"{summary['selected_by']} top-1; the last student is {rows[-1]['stage']}.")
     if state.is_main_process:
         write_json_atomic(out / 'summary.json', summary)
@@ -379,7 +379,7 @@ def _run_train_stage(stage_dir: Path, hash_: str, say, name: str, model: str, te
     return _train_row(name, metrics, model, teacher)
 
 
-def _fmt(v, digits=2) -> str:
+def _number(v, digits=2) -> str:
     if v is None:
         return '-'
     return f'{v:.{digits}f}' if isinstance(v, float) else str(v)
@@ -392,9 +392,9 @@ def format_summary(summary: Dict[str, Any], markdown: bool = False) -> str:
         'labeled', 'pseudo', 'steps', 'seconds']
     rows = [[r['stage'] + (' (!)' if r.get('below_teacher') else '') + (' *' if r['stage'] == summary.get(
                 'final_stage') else ''),
-             r['model'], r['teacher'] or '-', _fmt(r['top1']), _fmt(r['top5'])]
-            + ([_fmt(r.get('val_top1'))] if val else [])
-            + [_fmt(r['labeled_images']), _fmt(r['pseudo_images']), _fmt(r.get('steps')), _fmt(r['seconds'], 1)]
+             r['model'], r['teacher'] or '-', _number(r['top1']), _number(r['top5'])]
+            + ([_number(r.get('val_top1'))] if val else [])
+            + [_number(r['labeled_images']), _number(r['pseudo_images']), _number(r.get('steps')), _number(r['seconds'], 1)]
             for r in summary['stages']]
     footer = ['* final/ (the model the run exports)'] if summary.get('final_stage') else []
     if markdown:
@@ -406,11 +406,7 @@ def format_summary(summary: Dict[str, Any], markdown: bool = False) -> str:
         if summary.get('notes'):
             lines += [''] + [f'- {n}' for n in summary['notes']]
         return '\n'.join(lines) + '\n'
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ['  '.join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
-    lines.insert(1, '  '.join('-' * w for w in widths))
-    return '\n'.join(lines + footer)
+    return '\n'.join([text_table([header] + rows, left=3)] + footer)
 
 
 def plot_accuracy(summary: Dict[str, Any], path: Path) -> None:

@@ -19,7 +19,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env
 
-from .config import UserError
+from .config import SMALL_IMAGE_MAX, UserError
 
 __all__ = ['Preempted', 'StopFlag', 'resolve_precision', 'cpu_has_fast_bf16', 'cpu_threads', 'choose_workers',
            'num_workers_for', 'torch_threads', 'keep_freed_memory', 'process_state', 'make_accelerator']
@@ -248,8 +248,7 @@ def num_workers_for(requested: Optional[int], image_size: int, device: torch.dev
     if requested is not None:
         return requested
     cores = os.cpu_count() or 1
-    share = 0.5 if device.type != 'cpu' or image_size <= _SMALL_INPUT else 0.125
+    share = 0.5 if device.type != 'cpu' or image_size <= SMALL_IMAGE_MAX else 0.125
     return min(8, int(cores * share))
 
 
-_SMALL_INPUT = 64  # px; at or below, decoding and augmenting cost about as much as the model
