@@ -287,14 +287,25 @@ def push(
     source = resolve_source(src)
     _check_safetensors(source.model_dir / 'model.safetensors')
     portable_config(read_model_config(source.model_dir))  # fail before anything reaches the Hub
+
+    def fill(folder: Path, resolved_id: str) -> None:
+        export(source, folder, repo_id=resolved_id, license=license, _link=True)
+
+    return _upload(fill, repo_id, 'model', private, revision, create_pr,
+                   commit_message or _commit_message(source), token)
+
+
+def _upload(fill, repo_id: str, repo_type: str, private: bool, revision: Optional[str], create_pr: bool,
+            commit_message: str, token: Optional[str]):
+    """Create the repo (and branch), let ``fill(folder, repo_id)`` write what goes up, upload it as one commit."""
     api = _api(token)
-    with _hub_errors(repo_id, revision):
-        repo_id = _prepare_repo(api, repo_id, 'model', private, revision)
-        with tempfile.TemporaryDirectory(prefix='noisystudent-push-') as tmp:
-            folder = export(source, Path(tmp) / 'model', repo_id=repo_id, license=license, _link=True)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-                commit_message=commit_message or _commit_message(source))
+    with _hub_errors(repo_id, revision, repo_type):
+        repo_id = _prepare_repo(api, repo_id, repo_type, private, revision)
+        with tempfile.TemporaryDirectory(prefix=f'noisystudent-push-{repo_type}-') as tmp:
+            folder = Path(tmp) / 'upload'
+            fill(folder, repo_id)
+            return api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=folder, revision=revision,
+                                     create_pr=create_pr, commit_message=commit_message)
 
 
 def _commit_message(source: ModelSource) -> str:
@@ -322,24 +333,20 @@ def push_labels(
     check_repo_id(repo_id)
     revision = check_revision(revision)
     labels_dir = Path(labels_dir).expanduser()
-    _, files = labels_files(labels_dir)
-    api = _api(token)
-    with _hub_errors(repo_id, revision, 'dataset'):
-        repo_id = _prepare_repo(api, repo_id, 'dataset', private, revision)
-        card = labels_card(labels_dir, repo_id=repo_id, license=license)
-        with tempfile.TemporaryDirectory(prefix='noisystudent-push-labels-') as tmp:
-            folder = Path(tmp)
-            (folder / 'data').mkdir()
-            for f in files:
-                _put(f, folder / 'data' / f.name, link=True)
-            if (labels_dir / 'confidence.png').is_file():
-                _put(labels_dir / 'confidence.png', folder / 'confidence.png', link=True)
-            stats = json.loads((labels_dir / 'stats.json').read_text())
-            (folder / 'stats.json').write_text(json.dumps(portable_stats(stats), indent=2), encoding='utf-8')
-            (folder / 'README.md').write_text(str(card), encoding='utf-8')
-            return api.upload_folder(
-                repo_id=repo_id, repo_type='dataset', folder_path=folder, revision=revision,
-                create_pr=create_pr, commit_message=commit_message or 'Upload Noisy Student pseudo labels')
+    stats, files = labels_files(labels_dir)
+
+    def fill(folder: Path, resolved_id: str) -> None:
+        (folder / 'data').mkdir(parents=True)
+        for f in files:
+            _put(f, folder / 'data' / f.name, link=True)
+        if (labels_dir / 'confidence.png').is_file():
+            _put(labels_dir / 'confidence.png', folder / 'confidence.png', link=True)
+        (folder / 'stats.json').write_text(json.dumps(portable_stats(stats), indent=2), encoding='utf-8')
+        card = labels_card(labels_dir, repo_id=resolved_id, license=license)
+        (folder / 'README.md').write_text(str(card), encoding='utf-8')
+
+    return _upload(fill, repo_id, 'dataset', private, revision, create_pr,
+                   commit_message or 'Upload Noisy Student pseudo labels', token)
 
 
 def _public_ref(value: Any) -> Any:
