@@ -7,7 +7,6 @@ stages before it, so a changed setting cannot silently mix with stale results.
 """
 import json
 import os
-import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
@@ -19,7 +18,7 @@ from .files import output_lock, save_config, save_figure, text_table, write_json
 from .data import sources_of_run
 from .engine import check_trackers, train
 from .rundir import (
-    UNREADABLE, is_done, mark_done, missing_output, recorded_hash, remove_leftovers, stage_names, start_stage,
+    check_stages, is_done, mark_done, remove_leftovers, stage_names, start_stage,
 )
 from .runtime import Preempted, process_state
 from .labeling import label
@@ -49,42 +48,6 @@ def _stage_hashes(cfg: RunConfig) -> Dict[str, str]:
     if cfg.finetune.epochs > 0:
         hashes['finetune'] = config_hash({**common, 'prev': prev, 'finetune': config_to_dict(cfg.finetune)})
     return hashes
-
-
-def _check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_from: Optional[str]) -> None:
-    """Refuse a run whose finished stages were made with another config; clear what is redone."""
-    state = process_state()
-    if restart_from is not None and restart_from not in names:
-        raise UserError(f"--restart-from {restart_from!r} is not a stage of this run; stages: {', '.join(names)}.")
-    first_redo = names.index(restart_from) if restart_from else len(names)
-    for i, name in enumerate(names):
-        stage_dir = out / name
-        if not stage_dir.exists() or i >= first_redo:
-            continue
-        recorded = recorded_hash(stage_dir)
-        if recorded is UNREADABLE:
-            warnings.warn(f'{stage_dir / "stage.json"} is not valid JSON, so it is unknown what made {name}; '
-                          f'redoing {name} and the stages after it.', stacklevel=2)
-            first_redo = i
-            break
-        if recorded is not None and recorded != hashes[name]:
-            if is_done(stage_dir):
-                raise UserError(
-                    f'the config changed since stage {name} finished in {out}; rerun with '
-                    f'--restart-from {name} to redo it and what follows, or use another --output.')
-            first_redo = i  # an unfinished stage with stale checkpoints starts over
-            break
-    for name in names[:first_redo]:
-        missing = missing_output(out / name) if is_done(out / name) else None
-        if missing:
-            raise UserError(f'stage {name} is marked done but {missing}; rerun with --restart-from {name} to redo '
-                            'it and what follows.')
-    if state.is_main_process:
-        for name in names[first_redo:]:
-            shutil.rmtree(out / name, ignore_errors=True)
-        if first_redo < len(names):
-            shutil.rmtree(out / 'final', ignore_errors=True)
-    state.wait_for_everyone()
 
 
 def _check_before_training(cfg: RunConfig) -> None:
@@ -193,7 +156,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
         out.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out)
     state.wait_for_everyone()
-    _check_stages(out, names, hashes, restart_from)
+    check_stages(out, names, hashes, restart_from)
     if state.is_main_process:
         save_config(cfg, out / 'config.yaml')
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -264,4 +265,40 @@ def labels_files(labels_dir: Path) -> Tuple[Dict[str, Any], List[Path]]:
         raise UserError(f'{labels_dir} is not a pseudo-label directory (needs stats.json and data/*.parquet); '
                         'make one with `noisystudent label`.')
     return stats, files
+
+
+def check_stages(out: Path, names: List[str], hashes: Dict[str, str], restart_from: Optional[str]) -> None:
+    """Refuse a run whose finished stages were made with another config; clear what is redone."""
+    state = process_state()
+    if restart_from is not None and restart_from not in names:
+        raise UserError(f"--restart-from {restart_from!r} is not a stage of this run; stages: {', '.join(names)}.")
+    first_redo = names.index(restart_from) if restart_from else len(names)
+    for i, name in enumerate(names):
+        stage_dir = out / name
+        if not stage_dir.exists() or i >= first_redo:
+            continue
+        recorded = recorded_hash(stage_dir)
+        if recorded is UNREADABLE:
+            warnings.warn(f'{stage_dir / "stage.json"} is not valid JSON, so it is unknown what made {name}; '
+                          f'redoing {name} and the stages after it.', stacklevel=2)
+            first_redo = i
+            break
+        if recorded is not None and recorded != hashes[name]:
+            if is_done(stage_dir):
+                raise UserError(
+                    f'the config changed since stage {name} finished in {out}; rerun with '
+                    f'--restart-from {name} to redo it and what follows, or use another --output.')
+            first_redo = i  # an unfinished stage with stale checkpoints starts over
+            break
+    for name in names[:first_redo]:
+        missing = missing_output(out / name) if is_done(out / name) else None
+        if missing:
+            raise UserError(f'stage {name} is marked done but {missing}; rerun with --restart-from {name} to redo '
+                            'it and what follows.')
+    if state.is_main_process:
+        for name in names[first_redo:]:
+            shutil.rmtree(out / name, ignore_errors=True)
+        if first_redo < len(names):
+            shutil.rmtree(out / 'final', ignore_errors=True)
+    state.wait_for_everyone()
 
