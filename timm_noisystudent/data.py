@@ -310,37 +310,33 @@ def _column_types(ds) -> Dict[str, Any]:
     return dict(ds.features or {})
 
 
-def image_column_of(ds, override: Optional[str] = None) -> str:
-    """The image column: the one named, a conventional name, or the first Image feature."""
+def _find_column(ds, override: Optional[str], what: str, conventional: Sequence[str], feature_type,
+                 missing_hint: str) -> str:
+    """The column named, else a conventional name, else the first of ``feature_type``; one line otherwise."""
     features = _column_types(ds)
     columns = list(ds.column_names or features)
     if override:
         if override not in columns:
-            raise UserError(f'image column {override!r} not found; the columns are: {", ".join(columns)}.')
+            raise UserError(f'{what} column {override!r} not found; the columns are: {", ".join(columns)}.')
         return override
-    for name in IMAGE_COLUMNS:
-        if name in columns:
-            return name
-    for name, feature in features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    raise UserError(f'no image column found; the columns are: {", ".join(columns)}. Set image_column.')
+    name = next((c for c in conventional if c in columns), None)
+    name = name or next((c for c, f in features.items() if isinstance(f, feature_type)), None)
+    if name is None:
+        raise UserError(f'no {what} column found; the columns are: {", ".join(columns)}. {missing_hint}')
+    return name
+
+
+def image_column_of(ds, override: Optional[str] = None) -> str:
+    """The image column: the one named, a conventional name, or the first Image feature."""
+    return _find_column(ds, override, 'image', IMAGE_COLUMNS, datasets.Image, 'Set image_column.')
 
 
 def label_column_of(ds, override: Optional[str] = None) -> str:
     """The label column: the one named, a conventional name, or the first ClassLabel."""
+    name = _find_column(ds, override, 'label', LABEL_COLUMNS, datasets.ClassLabel,
+                        'Set label_column, or for an image folder give it one subfolder per class: with only one, '
+                        'it has no labels.')
     features = _column_types(ds)
-    columns = list(ds.column_names or features)
-    if override:
-        if override not in columns:
-            raise UserError(f'label column {override!r} not found; the columns are: {", ".join(columns)}.')
-        name = override
-    else:
-        name = next((c for c in LABEL_COLUMNS if c in columns), None)
-        name = name or next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
-        if name is None:
-            raise UserError(f'no label column found; the columns are: {", ".join(columns)}. Set label_column, or '
-                            'for an image folder give it one subfolder per class: with only one, it has no labels.')
     feature = features.get(name)
     if isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string'):
         raise UserError(
