@@ -579,3 +579,24 @@ def test_a_run_resolves_each_source_once(data_root, tmp_path):
     assert counts == {cfg['labeled']: 1, cfg['unlabeled']: 1, cfg['eval']: 1}  # 5 stages, 3 sources, 3 resolutions
     index = tmp_path / 'run' / 'sources' / 'unlabeled'
     assert json.loads((index / 'source.json').read_text())['rows'] == 32
+
+
+def test_under_accelerate_launch_rank_0_holds_the_lock_and_both_ranks_stop(data_root, tmp_path):
+    out = tmp_path / 'out'
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time; from timm_noisystudent.files import output_lock\n'
+         'with output_lock(sys.argv[1]):\n    print("held", flush=True); time.sleep(120)', str(out)],
+        stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        launch = [str(Path(sys.executable).with_name('accelerate')), 'launch', '--multi_gpu', '--num_processes',
+                  '2', '--main_process_port', '0', '-m', 'timm_noisystudent']
+        proc = subprocess.run(launch + _train(data_root, out), capture_output=True, text=True, timeout=300,
+                              env={**_env(), 'ACCELERATE_USE_CPU': '1'})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith('error:')]
+    assert len(ours) == 1 and f'is in use by another noisystudent process (pid {holder.pid})' in ours[0]
+    assert not (out / 'model').exists()
