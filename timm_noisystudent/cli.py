@@ -472,6 +472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.showwarning = _show_warning
     try:
         args.fn(args)
+        from .runtime import end_processes
+        end_processes()
     except UserError as e:
         if args.debug:
             raise

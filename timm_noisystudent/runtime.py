@@ -22,7 +22,7 @@ from accelerate.utils import parse_flag_from_env
 from .config import SMALL_IMAGE_MAX, UserError
 
 __all__ = ['Preempted', 'StopFlag', 'resolve_precision', 'cpu_has_fast_bf16', 'cpu_threads', 'choose_workers',
-           'num_workers_for', 'torch_threads', 'keep_freed_memory', 'process_state', 'make_accelerator']
+           'num_workers_for', 'torch_threads', 'keep_freed_memory', 'process_state', 'make_accelerator', 'end_processes']
 
 
 class Preempted(Exception):
@@ -252,3 +252,11 @@ def num_workers_for(requested: Optional[int], image_size: int, device: torch.dev
     return min(8, int(cores * share))
 
 
+def end_processes() -> None:
+    """Tear down the process group of an ``accelerate launch`` run once a command has finished.
+
+    Left to the interpreter's exit, gloo's threads can outlive it: one rank then aborts
+    ("terminate called without an active exception") after the work is done, and the launch fails.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
