@@ -76,6 +76,7 @@ def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline
     from timm_noisystudent.config import ModelStage, apply_overrides, config_from_dict
     from timm_noisystudent.engine import train
     from timm_noisystudent.pipeline import run, students_beat_teachers
+    from timm_noisystudent.rundir import stage_kind
 
     datasets.disable_progress_bars()
     labeled, unlabeled, eval_, truth = _data(task, work, cifar)
@@ -96,11 +97,11 @@ def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline
         'stages': [{k: r.get(k) for k in ('stage', 'teacher', 'top1', 'steps', 'pseudo_images', 'seconds')}
                    for r in rows],
         'pseudo_accuracy': {r['stage']: _pseudo_accuracy(out / 'loop' / r['stage'], truth_labels)
-                            for r in rows if r['stage'].endswith('-labels')},
+                            for r in rows if stage_kind(r['stage']) == 'labels'},
         'final_stage': summary['final_stage'],
         'students_beat_teachers': students_beat_teachers(summary),
     }
-    models = [r for r in rows if not r['stage'].endswith('-labels')]
+    models = [r for r in rows if stage_kind(r['stage']) != 'labels']
     total_steps = sum(r['steps'] or 0 for r in models)
     teacher = models[0]
     if baseline:

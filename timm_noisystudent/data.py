@@ -62,7 +62,7 @@ def sources_of_run(index_root: Union[str, os.PathLike], sources: Dict[str, Any],
     """Resolve each source once for a whole run; every ``load_source`` of it inside gives that dataset.
 
     An image folder is listed once (``os.scandir``, no per-file work) into an index saved under
-    ``index_root/NAME`` (``save_to_disk``: the file list, the labels, ``source.json``), which every
+    ``index_root/NAME`` (``index.arrow``: the file list and labels; ``source.json``), which every
     process then opens memory-mapped. Other sources go through ``datasets`` once each. The index is
     made again by each ``run`` invocation, so a folder changed since the last one is seen, and the
     pairing check of ``check_pairing`` then refuses labels made before the change.

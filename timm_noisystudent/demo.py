@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Union
 from .config import RunConfig, UserError, config_from_dict
 from .files import replace_dir, write_json_atomic
 from .pipeline import run, students_beat_teachers
+from .rundir import stage_kind
 from .runtime import process_state
 
 __all__ = ['demo', 'demo_config', 'write_demo_data', 'pseudo_label_accuracy', 'DEMO_MODEL', 'DEMO_CLASSES']
@@ -125,7 +126,7 @@ def demo(output: Union[str, os.PathLike] = 'runs/demo', progress: bool = True) -
     summary = run(demo_config(data_root, out), progress=progress)
     accuracies = {}
     for row in summary['stages']:
-        if row['stage'].endswith('-labels'):
+        if stage_kind(row['stage']) == 'labels':
             acc = pseudo_label_accuracy(out / row['stage'], data_root)
             accuracies[row['stage']] = acc
             if state.is_main_process and acc is not None:
@@ -133,7 +134,7 @@ def demo(output: Union[str, os.PathLike] = 'runs/demo', progress: bool = True) -
                       '(checked against the hidden labels)', flush=True)
     summary['pseudo_label_accuracy'] = accuracies
     beat = students_beat_teachers(summary)
-    students = [r['top1'] for r in summary['stages'] if not r['stage'].endswith('-labels')]
+    students = [r['top1'] for r in summary['stages'] if stage_kind(r['stage']) != 'labels']
     if state.is_main_process:
         verdict = 'each student beat its teacher' if beat else 'a student did not beat its teacher (see above)'
         print(f"{verdict}: top-1 {' -> '.join(f'{t:.2f}' for t in students)}", flush=True)

@@ -198,28 +198,26 @@ def _latest_checkpoint(root: Path) -> Optional[Path]:
 
 
 def check_trackers(log_with: Any, key: str = '--log-with') -> None:
-    """Every tracker named is one Accelerate knows and whose package is installed; one line otherwise."""
+    """Accelerate's own tracker check (``filter_trackers``), up front and as one line: an unknown name, or a
+    tracker whose package is missing (Accelerate would only drop it, and the run would log nothing)."""
     if not log_with:
         return
-    from accelerate.tracking import get_available_trackers
+    from accelerate.tracking import filter_trackers
     from accelerate.utils import LoggerType
 
-    names = log_with if isinstance(log_with, (list, tuple)) else str(log_with).split(',')
-    known = [t for t in LoggerType.list() if t != 'all']
-    available = {str(t) for t in get_available_trackers()}
-    for name in names:
-        if not isinstance(name, str):
-            continue  # a GeneralTracker instance
-        name = name.strip()
-        if name == 'all':
-            continue
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
-            raise UserError(f'{key}: unknown tracker {name!r}; Accelerate knows {", ".join(known)}{hint}')
-        if name not in available:
-            raise UserError(f'{key}: the tracker {name!r} needs its package; `pip install {name}`, '
-                            'or drop the tracker.')
+    names = list(log_with) if isinstance(log_with, (list, tuple)) else [log_with]
+    try:
+        kept = {getattr(t, 'value', t) for t in filter_trackers(names, logging_dir='.')}
+    except ValueError:
+        known = [t for t in LoggerType.list() if t != 'all']
+        bad = next(n for n in names if isinstance(n, str) and n not in LoggerType.list())
+        close = difflib.get_close_matches(bad, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        raise UserError(f'{key}: unknown tracker {bad!r}; Accelerate knows {", ".join(known)}{hint}') from None
+    missing = [n for n in names if isinstance(n, str) and n != 'all' and n not in kept]
+    if missing:
+        raise UserError(f'{key}: the tracker {missing[0]!r} needs its package; `pip install {missing[0]}`, '
+                        'or drop the tracker.')
 
 
 def _resume_from(accelerator, ema, root: Path) -> Optional[Path]:
@@ -416,6 +414,7 @@ class _Run:
         self.state = {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'updates': 0, 'side_seen': 0, 'images': 0,
                       'seconds': 0.0}
         self.metrics: Dict[str, Any] = {}
+        self.soft_ce = SoftTargetCrossEntropy()
 
     def restore(self, resume: bool) -> None:
         """Resume from the newest readable checkpoint, refuse to restart over an unfinished one, or start clean."""
@@ -468,7 +467,6 @@ class _Run:
     def loop(self, num_workers: int) -> None:
         accelerator, state, cfg = self.accelerator, self.state, self.cfg
         model, optimizer, main_loader = self.model, self.optimizer, self.main_loader
-        self.soft_ce = SoftTargetCrossEntropy()
         side = _Cycle(self.side_loader, state['side_seen']) if self.side_loader is not None else None
         bar = tqdm(total=self.total_steps, initial=state['step'],
                    disable=not (self.progress and accelerator.is_main_process),

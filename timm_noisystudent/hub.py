@@ -26,7 +26,7 @@ from .cards import (
     bare_card, labels_card, model_card, portable_config, read_model_config,
 )
 from .rundir import ModelSource, labels_files, pickled_weights, resolve_source
-from .models import read_state_dict
+from .models import check_safetensors, read_state_dict
 
 __all__ = ['export', 'push', 'push_labels', 'portable_stats', 'check_repo_id', 'check_revision']
 
@@ -41,16 +41,6 @@ __all__ = ['export', 'push', 'push_labels', 'portable_stats', 'check_repo_id', '
 
 
 # --- export ------------------------------------------------------------------------------------
-
-def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise UserError(f'cannot read {path} as safetensors: {e}') from None
-
 
 def _put(src: Path, dst: Path, link: bool) -> None:
     if link:
@@ -90,7 +80,7 @@ def export(
     weights = source.model_dir / 'model.safetensors'
     state = None
     if weights.is_file():
-        _check_safetensors(weights)
+        check_safetensors(weights)
     else:
         state = read_state_dict(pickled_weights(source.model_dir), allow_pickle=True)
     config = read_model_config(source.model_dir)
@@ -285,7 +275,7 @@ def push(
     check_repo_id(repo_id)
     revision = check_revision(revision)
     source = resolve_source(src)
-    _check_safetensors(source.model_dir / 'model.safetensors')
+    check_safetensors(source.model_dir / 'model.safetensors')
     portable_config(read_model_config(source.model_dir))  # fail before anything reaches the Hub
 
     def fill(folder: Path, resolved_id: str) -> None:

@@ -274,6 +274,17 @@ def check_model_name(spec: str) -> None:
         raise UserError(f'unknown model {spec!r}.' + _suggest_models(spec))
 
 
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header reads (a cut or foreign file is one line, not a traceback)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a cut or foreign file
+        raise UserError(f'{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
+                        'it may be cut short: export or copy the model again.') from None
+
+
 def _check_model_dir(path: Path) -> None:
     """A model directory's config.json parses and names a known architecture; its safetensors header reads."""
     try:
@@ -286,15 +297,8 @@ def _check_model_dir(path: Path) -> None:
     if not timm.is_model(arch):
         raise UserError(f'{path / "config.json"} names the architecture {arch!r}, which this timm '
                         f'({timm.__version__}) does not know.' + _suggest_models(arch))
-    weights = path / 'model.safetensors'
-    if weights.is_file():
-        from safetensors import safe_open
-        try:
-            with safe_open(str(weights), framework='pt') as f:
-                f.keys()
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a cut or foreign file
-            raise UserError(f'{weights} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
-                            'it may be cut short: export or copy the model again.') from None
+    if (path / 'model.safetensors').is_file():
+        check_safetensors(path / 'model.safetensors')
 
 
 def _check_weights_file(path: Path, allow_pickle: bool = False) -> None:

@@ -15,10 +15,10 @@ from typing import Any, Dict, List, Optional, Union
 
 from .config import ModelStage, RunConfig, UserError, config_from_dict, config_hash, config_to_dict, stage_epochs
 from .files import output_lock, save_config, save_figure, text_table, write_json_atomic, write_text_atomic
-from .data import sources_of_run
+from .data import check_output_outside, sources_of_run
 from .engine import check_trackers, train
 from .rundir import (
-    check_stages, is_done, mark_done, remove_leftovers, stage_names, start_stage,
+    check_stages, is_done, mark_done, remove_leftovers, stage_kind, stage_names, start_stage,
 )
 from .runtime import Preempted, process_state
 from .labeling import label
@@ -62,7 +62,6 @@ def _check_before_training(cfg: RunConfig) -> None:
         except NoiseSpecError as e:
             raise UserError(f'{key}: {e}') from None
     check_trackers(cfg.train.log_with, 'train.log_with')
-    from .data import check_output_outside
     for what in ('labeled', 'unlabeled', 'eval', 'validation'):
         check_output_outside(cfg.output, getattr(cfg, what), what)
     stages = [('teacher.model', cfg.teacher.model)] + [(f'students.{i}.model', s.model)
@@ -89,10 +88,9 @@ def _preempted(name: str, e: Preempted) -> Preempted:
     return Preempted(f'{name}: {e} Run the same command again to resume; finished stages are skipped.', e.signal)
 
 
-def _train_row(name: str, metrics: Dict[str, Any], model: str, teacher: Optional[str],
-               val: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def _train_row(name: str, metrics: Dict[str, Any], model: str, teacher: Optional[str]) -> Dict[str, Any]:
     return {'stage': name, 'model': model, 'teacher': teacher, 'top1': metrics.get('top1'),
-            'top5': metrics.get('top5'), 'val_top1': val.get('top1') if val else None,
+            'top5': metrics.get('top5'), 'val_top1': None,
             'labeled_images': metrics.get('labeled_images'), 'pseudo_images': metrics.get('pseudo_images', 0),
             'steps': metrics.get('step'), 'seconds': metrics.get('seconds')}
 
@@ -289,7 +287,7 @@ def _noted(name: str, notes: List[str], say):
 def students_beat_teachers(summary: Dict[str, Any]) -> bool:
     """Whether every student of a run ended strictly above the model that labeled its data."""
     by_stage = {r['stage']: r for r in summary['stages']}
-    students = [r for r in summary['stages'] if r['stage'].endswith('-student')]
+    students = [r for r in summary['stages'] if stage_kind(r['stage']) == 'student']
     return all(_score(r) is not None and r['teacher'] in by_stage and _score(by_stage[r['teacher']]) is not None
                and _score(r) > _score(by_stage[r['teacher']]) for r in students)
 

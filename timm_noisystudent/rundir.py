@@ -46,7 +46,7 @@ def mark_done(stage_dir: Path, record: Dict[str, Any]) -> None:
 
 def missing_output(stage_dir: Path) -> Optional[str]:
     """What a finished stage lacks of its outputs (or holds damaged), or None."""
-    if stage_dir.name.endswith('-labels'):
+    if stage_kind(stage_dir.name) == 'labels':
         needed = ['stats.json']
         if not any((stage_dir / 'data').glob('*.parquet')):
             return f'{stage_dir / "data"} holds no parquet file'
@@ -196,8 +196,16 @@ def stage_order(name: str) -> Tuple[int, int]:
     return (1 << 30, 1) if name == FINETUNE else (-1, 0)
 
 
+def stage_kind(name: str) -> Optional[str]:
+    """'teacher', 'student', 'labels' or 'finetune' for a stage name of a run; None for anything else."""
+    if name == FINETUNE:
+        return 'finetune'
+    match = STAGE_NAME.match(name)
+    return match.group(2) if match else None
+
+
 def is_model_stage(name: str) -> bool:
-    return name == FINETUNE or bool(STAGE_NAME.match(name)) and not name.endswith('-labels')
+    return stage_kind(name) in ('teacher', 'student', 'finetune')
 
 
 def model_stages(run: Path) -> List[str]:
@@ -249,8 +257,8 @@ def labels_dir_of(source: ModelSource) -> Optional[Path]:
     if match and match.group(2) == 'student':
         candidates = [source.run_dir / f'iter{match.group(1)}-labels']
     elif source.stage == FINETUNE:
-        candidates = sorted((p for p in source.run_dir.iterdir() if p.is_dir() and p.name.endswith('-labels')
-                             and STAGE_NAME.match(p.name)), key=stage_order, reverse=True)
+        candidates = sorted((p for p in source.run_dir.iterdir() if p.is_dir() and stage_kind(p.name) == 'labels'),
+                            key=stage_order, reverse=True)
     else:
         return None
     return next((c for c in candidates if (c / 'stats.json').is_file()), None)

@@ -74,23 +74,26 @@ def _cpu_cores() -> int:
     return max(1, cores // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
 
 
-def _model_cost(model: torch.nn.Module, input_size, batch: int, threads: int, train: bool,
-                autocast: Optional[torch.dtype] = None) -> float:
-    """Seconds per image of the model's forward (and backward when ``train``) on a copy, at ``threads``."""
+def _model_costs(model: torch.nn.Module, input_size, batch: int, thread_counts, train: bool,
+                 autocast: Optional[torch.dtype] = None) -> list:
+    """Seconds per image of the model's forward (and backward when ``train``) at each thread count, on one copy."""
     probe = copy.deepcopy(model).train(train).to(memory_format=torch.channels_last)
     x = torch.randn(batch, *input_size).contiguous(memory_format=torch.channels_last)
-    times = []
-    with torch.random.fork_rng(), torch_threads(threads):
-        for _ in range(2):  # the first is warm-up
-            t0 = time.perf_counter()
-            if train:
-                probe(x).float().logsumexp(1).mean().backward()
-            else:
-                with torch.no_grad(), torch.autocast('cpu', dtype=autocast or torch.float32,
-                                                     enabled=autocast is not None):
-                    probe(x)
-            times.append(time.perf_counter() - t0)
-    return times[-1] / batch
+    costs = []
+    with torch.random.fork_rng():
+        for threads in thread_counts:
+            with torch_threads(threads):
+                for _ in range(2):  # the first is warm-up
+                    t0 = time.perf_counter()
+                    if train:
+                        probe(x).float().logsumexp(1).mean().backward()
+                    else:
+                        with torch.no_grad(), torch.autocast('cpu', dtype=autocast or torch.float32,
+                                                             enabled=autocast is not None):
+                            probe(x)
+                    seconds = time.perf_counter() - t0
+            costs.append(seconds / batch)
+    return costs
 
 
 def choose_workers(requested: Optional[int], rows, model: torch.nn.Module, input_size, device: torch.device,
@@ -114,8 +117,7 @@ def choose_workers(requested: Optional[int], rows, model: torch.nn.Module, input
     rows.__getitems__(list(range(n)))
     data = (time.perf_counter() - t0) / n
     batch = max(1, min(batch_size, 64 if size <= 128 else 8))
-    model_all = _model_cost(model, input_size, batch, cores, train, autocast)
-    model_less = _model_cost(model, input_size, batch, cores - 1, train, autocast)
+    model_all, model_less = _model_costs(model, input_size, batch, (cores, cores - 1), train, autocast)
     in_process = data + model_all
     costs = {}
     for k in range(1, min(8, cores - 1) + 1):
