@@ -146,6 +146,26 @@ def test_min_steps_repeats_short_epochs(digits, tmp_path):
     assert metrics['epochs'] == 3 and metrics['step'] == 9
 
 
+def test_short_epochs_checkpoint_every_hundred_steps_and_at_the_last(digits, tmp_path):
+    from timm_noisystudent import engine
+    assert engine.EPOCH_CHECKPOINT_MIN_STEPS == 100
+    # 300 labeled images at batch 100: 3-step epochs; 35 epochs end at steps 3, 6, ..., 105
+    metrics = train(ModelStage(model=MODEL, epochs=35, image_size=32), digits['labeled'], tmp_path / 'out',
+                    train_cfg=_cfg(batch_size=100, keep_checkpoints=10), progress=False)
+    assert metrics['step'] == 105
+    steps = sorted(int(p.name.split('-')[1]) for p in (tmp_path / 'out' / 'checkpoints').glob('step-*'))
+    assert steps == [102, 105]  # the first epoch end 100 steps after the start, then the last step
+
+
+def test_a_short_pass_loads_in_the_process():
+    from timm_noisystudent.runtime import MIN_WORKER_PASS, workers_for_pass
+    cpu, gpu = torch.device('cpu'), torch.device('cuda')
+    assert workers_for_pass(1, MIN_WORKER_PASS - 1, None, cpu) == 0  # a worker would start again every pass
+    assert workers_for_pass(1, MIN_WORKER_PASS, None, cpu) == 1
+    assert workers_for_pass(3, 1, 3, cpu) == 3  # asked for: kept
+    assert workers_for_pass(4, 1, None, gpu) == 4
+
+
 def test_student_noise_defaults_come_from_the_recipe():
     from timm_noisystudent.engine import resolve_stage
     b3 = resolve_stage(ModelStage(model='tf_efficientnet_b3'), TrainConfig(), NoiseConfig(), student=True)

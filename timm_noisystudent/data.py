@@ -779,6 +779,7 @@ def make_loader(rows, batch_size, shuffle, num_workers, drop_last=False):
 
 
 def eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_classes):
+    """Batches of a labeled split in order; ``num_workers`` is a count, or a function of the row count."""
     ds = load_source(source)
     if isinstance(ds, datasets.IterableDataset):
         raise UserError('evaluation data cannot be streamed; drop streaming for the eval split.')
@@ -793,7 +794,9 @@ def eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_cl
     import timm
     rows = ImageRows(ds, image_column_of(ds, cols['image']), timm.data.create_transform(**data_config),
                      label_column=label_col)
-    return make_loader(rows, batch_size, shuffle=False, num_workers=num_workers)
+    workers = num_workers(len(rows)) if callable(num_workers) else num_workers
+    return make_loader(rows, batch_size, shuffle=False, num_workers=workers)
+
 
 def source_record(source, full: bool = False) -> Optional[Dict[str, Any]]:
     """A source as a JSON record (path, name, split; ``full`` adds columns and streaming); None in memory."""
@@ -869,11 +872,12 @@ def train_rows(labeled_ds, image_col: str, label_col: str, num_classes: int, dat
     return TrainRows(main, batch_size * unlabeled_ratio, labeled_rows, batch_size, hard, pseudo_rows=main.rows)
 
 
-def train_loaders(rows: TrainRows, num_workers: int):
-    """The main loader and, for a student, the labeled one; each shuffles with its own generator."""
+def train_loaders(rows: TrainRows, num_workers: int, side_workers: Optional[int] = None):
+    """The main loader and, for a student, the labeled one; each shuffles with its own generator.
+    ``side_workers`` (default ``num_workers``) are the labeled loader's workers."""
     main = make_loader(rows.main, rows.main_batch, True, num_workers, drop_last=len(rows.main) > rows.main_batch)
     if rows.side_batch is None:
         return main, None
-    side = make_loader(rows.labeled, rows.side_batch, True, num_workers,
+    side = make_loader(rows.labeled, rows.side_batch, True, num_workers if side_workers is None else side_workers,
                        drop_last=len(rows.labeled) > rows.side_batch)
     return main, side

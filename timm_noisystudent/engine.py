@@ -36,7 +36,7 @@ from .data import (
 )
 from .runtime import (
     Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
-    resolve_precision, torch_threads,
+    resolve_precision, torch_threads, workers_for_pass,
 )
 from .models import (
     data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model, small_input_warning,
@@ -340,15 +340,22 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     rows = train_rows(labeled_ds, image_col, label_col, num_classes, data_config, spec.batch_size, seed,
                       pseudo=pseudo, unlabeled=unlabeled, randaugment=spec.randaugment,
                       unlabeled_ratio=spec.unlabeled_ratio, unaugmented=unaugmented)
-    num_workers = choose_workers(train_cfg.num_workers, rows.main, model, data_config['input_size'],
-                                 accelerator.device, train=True, batch_size=rows.images_per_step)
-    main_loader, side_loader = train_loaders(rows, num_workers)
+    chosen = choose_workers(train_cfg.num_workers, rows.main, model, data_config['input_size'],
+                            accelerator.device, train=True, batch_size=rows.images_per_step)
+
+    def pass_workers(n_rows: int, batch: int) -> int:  # a short pass loads in the process (see runtime)
+        return workers_for_pass(chosen, math.ceil(n_rows / batch), train_cfg.num_workers, accelerator.device)
+
+    num_workers = pass_workers(len(rows.main), rows.main_batch)
+    side_workers = pass_workers(len(rows.labeled), rows.side_batch) if rows.side_batch else None
+    main_loader, side_loader = train_loaders(rows, num_workers, side_workers)
+    eval_batch = train_cfg.eval_batch_size or 2 * spec.batch_size
     eval_batches = None if eval_data is None else eval_loader(
-        eval_data, data_config, train_cfg.eval_batch_size or 2 * spec.batch_size, num_workers, num_classes)
+        eval_data, data_config, eval_batch, lambda n: pass_workers(n, eval_batch), num_classes)
 
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(model, spec)
+    optimizer = _optimizer(model, spec, accelerator.device)
     if train_cfg.compile:
         model = torch.compile(model)
     model, optimizer, main_loader = accelerator.prepare(model, optimizer, main_loader)
@@ -357,9 +364,10 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     run = _Run(accelerator, model, optimizer, main_loader, side_loader, eval_batches, spec, train_cfg, rows,
                num_classes, output, progress)
     run.restore(resume)
-    run.loop(num_workers)
+    run.loop(max(num_workers, side_workers or 0))
 
-    final = {**run.summary(), 'num_workers': num_workers, 'labeled_images': len(rows.labeled),
+    final = {**run.summary(), 'num_workers': num_workers, 'labeled_workers': side_workers,
+             'labeled_images': len(rows.labeled),
              'pseudo_images': rows.pseudo_rows, 'model': spec.model, 'num_classes': num_classes,
              'image_size': data_config['input_size'][-1],
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
@@ -376,11 +384,24 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     return final
 
 
-def _optimizer(model: torch.nn.Module, spec: Stage):
+def _optimizer(model: torch.nn.Module, spec: Stage, device: torch.device):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {k: v for k, v in spec.opt.items() if k in ('opt', 'weight_decay', 'momentum')}
+    if opt_kwargs['opt'].lower() in FUSED_OPTS and device.type in ('cpu', 'cuda'):
+        opt_kwargs['fused'] = True
     params = model if len(trainable) == len(list(model.parameters())) else trainable
     return create_optimizer_v2(params, lr=spec.lr, **opt_kwargs)
+
+
+# torch's Adam/AdamW in one fused kernel (CPU and CUDA): B0 at 32 px, batch 64, 2 cores, a step of
+# the optimizer 10.0 -> 2.8 ms, against 91 ms for the forward+backward
+FUSED_OPTS = ('adam', 'adamw')
+
+
+# at an epoch end a checkpoint is written once this many steps passed since the last one (or at
+# the stage's last step, or on a stop signal): 100 labeled digits at batch 64 make one-step epochs,
+# and a checkpoint a step costs more than the tiny model's step
+EPOCH_CHECKPOINT_MIN_STEPS = 100
 
 
 class _Run:
@@ -394,9 +415,11 @@ class _Run:
         self.output, self.progress, self.ckpt_root = output, progress, output / 'checkpoints'
         self.steps_per_epoch = len(main_loader)
         updates_per_epoch = math.ceil(self.steps_per_epoch / train_cfg.grad_accum_steps)
-        # short epochs (a small labeled set) are repeated until the stage has its minimum of steps
-        self.epochs = (max(spec.epochs, math.ceil(train_cfg.min_steps / self.steps_per_epoch))
-                       if train_cfg.min_steps else spec.epochs)
+        # short epochs (a small labeled set) are repeated until the stage has seen its minimum of
+        # images, min_steps batches of batch_size: a student step of B labeled and ratio x B pseudo-
+        # labeled images counts 1 + ratio
+        min_steps = math.ceil(train_cfg.min_steps * spec.batch_size / rows.images_per_step)
+        self.epochs = max(spec.epochs, math.ceil(min_steps / self.steps_per_epoch)) if min_steps else spec.epochs
         self.total_steps = self.steps_per_epoch * self.epochs
         if train_cfg.max_steps:
             self.total_steps = min(self.total_steps, train_cfg.max_steps)
@@ -474,6 +497,7 @@ class _Run:
                    leave=False)
         t_start = time.perf_counter() - state['seconds']
         window_t, window_imgs = time.perf_counter(), 0
+        saved_at = state['step']
         with StopFlag() as stop, bar, torch_threads(cpu_threads(num_workers, accelerator.device)):
             # the bar is cleared however the loop ends; the thread count is restored too
             while state['step'] < self.total_steps:
@@ -520,15 +544,20 @@ class _Run:
                     stop_now = stop_signal is not None and not epoch_done
                     if stop_now or (every and state['step'] % every == 0 and not epoch_done):
                         _save_checkpoint(accelerator, self.ckpt_root, state, cfg.keep_checkpoints, self.ema)
+                        saved_at = state['step']
                         if stop_now:
                             raise _preempted(stop_signal, state, self.ckpt_root)
                     if epoch_done or state['step'] >= self.total_steps:
                         break
+                last = state['step'] >= self.total_steps
                 self.metrics = _end_of_epoch(accelerator, self.ema, self.eval_loader, self.num_classes, state,
                                              self.output, loss, cfg, eval_every=max(1, math.ceil(self.epochs / 10)),
-                                             last=state['step'] >= self.total_steps)
-                _save_checkpoint(accelerator, self.ckpt_root, state, cfg.keep_checkpoints, self.ema)
+                                             last=last)
                 stop_signal = _stop_requested(accelerator, stop)  # also one that came during the evaluation
+                # short epochs (a small labeled set) would write a checkpoint every step or two
+                if last or stop_signal is not None or state['step'] - saved_at >= EPOCH_CHECKPOINT_MIN_STEPS:
+                    _save_checkpoint(accelerator, self.ckpt_root, state, cfg.keep_checkpoints, self.ema)
+                    saved_at = state['step']
                 if stop_signal is not None:
                     raise _preempted(stop_signal, state, self.ckpt_root)
         bar.close()
