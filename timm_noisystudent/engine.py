@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from . import augment
-from .config import PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError
+from .config import DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError
 from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
 from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
@@ -97,7 +97,7 @@ def resolve_stage(stage: ModelStage, train_cfg: TrainConfig, noise: NoiseConfig,
         dropout = pick(stage.dropout, noise.dropout, recipe.dropout if recipe else None, 0.2)
         drop_path = pick(stage.drop_path, noise.drop_path, recipe.drop_path if recipe else None, 0.2)
         ratio = pick(stage.unlabeled_ratio, train_cfg.unlabeled_ratio,
-                     recipe.unlabeled_ratio if recipe else None, 3)
+                     recipe.unlabeled_ratio if recipe else None, DEFAULT_UNLABELED_RATIO)
     else:
         # the teacher is not noised beyond crop/flip; its own dropout keeps timm's default
         randaugment, ratio = 'none', 0
