@@ -158,12 +158,12 @@ def test_short_epochs_checkpoint_every_hundred_steps_and_at_the_last(digits, tmp
 
 
 def test_a_short_pass_loads_in_the_process():
-    from timm_noisystudent.runtime import MIN_WORKER_PASS, workers_for_pass
-    cpu, gpu = torch.device('cpu'), torch.device('cuda')
-    assert workers_for_pass(1, MIN_WORKER_PASS - 1, None, cpu) == 0  # a worker would start again every pass
-    assert workers_for_pass(1, MIN_WORKER_PASS, None, cpu) == 1
-    assert workers_for_pass(3, 1, 3, cpu) == 3  # asked for: kept
-    assert workers_for_pass(4, 1, None, gpu) == 4
+    from timm_noisystudent.data import MIN_WORKER_PASS, make_loader
+    rows = list(range(8 * MIN_WORKER_PASS))
+    # a worker would start again every pass
+    assert make_loader(rows, 9, False, 1, short_pass_in_process=True).num_workers == 0
+    assert make_loader(rows, 8, False, 1, short_pass_in_process=True).num_workers == 1
+    assert make_loader(rows, 9, False, 3).num_workers == 3  # asked for, or an accelerator's: kept
 
 
 def test_student_noise_defaults_come_from_the_recipe():

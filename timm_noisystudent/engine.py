@@ -36,7 +36,7 @@ from .data import (
 )
 from .runtime import (
     Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
-    resolve_precision, torch_threads, workers_for_pass,
+    resolve_precision, torch_threads,
 )
 from .models import (
     data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model, small_input_warning,
@@ -340,18 +340,16 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     rows = train_rows(labeled_ds, image_col, label_col, num_classes, data_config, spec.batch_size, seed,
                       pseudo=pseudo, unlabeled=unlabeled, randaugment=spec.randaugment,
                       unlabeled_ratio=spec.unlabeled_ratio, unaugmented=unaugmented)
-    chosen = choose_workers(train_cfg.num_workers, rows.main, model, data_config['input_size'],
-                            accelerator.device, train=True, batch_size=rows.images_per_step)
-
-    def pass_workers(n_rows: int, batch: int) -> int:  # a short pass loads in the process (see runtime)
-        return workers_for_pass(chosen, math.ceil(n_rows / batch), train_cfg.num_workers, accelerator.device)
-
-    num_workers = pass_workers(len(rows.main), rows.main_batch)
-    side_workers = pass_workers(len(rows.labeled), rows.side_batch) if rows.side_batch else None
-    main_loader, side_loader = train_loaders(rows, num_workers, side_workers)
-    eval_batch = train_cfg.eval_batch_size or 2 * spec.batch_size
+    num_workers = choose_workers(train_cfg.num_workers, rows.main, model, data_config['input_size'],
+                                 accelerator.device, train=True, batch_size=rows.images_per_step)
+    # chosen workers on CPU: a short pass loads in the process (see data.MIN_WORKER_PASS)
+    short = train_cfg.num_workers is None and accelerator.device.type == 'cpu'
+    main_loader, side_loader = train_loaders(rows, num_workers, short_pass_in_process=short)
     eval_batches = None if eval_data is None else eval_loader(
-        eval_data, data_config, eval_batch, lambda n: pass_workers(n, eval_batch), num_classes)
+        eval_data, data_config, train_cfg.eval_batch_size or 2 * spec.batch_size, num_workers, num_classes,
+        short_pass_in_process=short)
+    workers = {'num_workers': main_loader.num_workers,
+               'labeled_workers': side_loader.num_workers if side_loader is not None else None}
 
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -364,10 +362,9 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     run = _Run(accelerator, model, optimizer, main_loader, side_loader, eval_batches, spec, train_cfg, rows,
                num_classes, output, progress)
     run.restore(resume)
-    run.loop(max(num_workers, side_workers or 0))
+    run.loop(max(w or 0 for w in workers.values()))
 
-    final = {**run.summary(), 'num_workers': num_workers, 'labeled_workers': side_workers,
-             'labeled_images': len(rows.labeled),
+    final = {**run.summary(), **workers, 'labeled_images': len(rows.labeled),
              'pseudo_images': rows.pseudo_rows, 'model': spec.model, 'num_classes': num_classes,
              'image_size': data_config['input_size'][-1],
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
@@ -384,6 +381,11 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     return final
 
 
+# torch's Adam/AdamW in one fused kernel (CPU and CUDA): B0 at 32 px, batch 64, 2 cores, a step of
+# the optimizer 10.0 -> 2.8 ms, against 91 ms for the forward+backward
+FUSED_OPTS = ('adam', 'adamw')
+
+
 def _optimizer(model: torch.nn.Module, spec: Stage, device: torch.device):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {k: v for k, v in spec.opt.items() if k in ('opt', 'weight_decay', 'momentum')}
@@ -391,11 +393,6 @@ def _optimizer(model: torch.nn.Module, spec: Stage, device: torch.device):
         opt_kwargs['fused'] = True
     params = model if len(trainable) == len(list(model.parameters())) else trainable
     return create_optimizer_v2(params, lr=spec.lr, **opt_kwargs)
-
-
-# torch's Adam/AdamW in one fused kernel (CPU and CUDA): B0 at 32 px, batch 64, 2 cores, a step of
-# the optimizer 10.0 -> 2.8 ms, against 91 ms for the forward+backward
-FUSED_OPTS = ('adam', 'adamw')
 
 
 # at an epoch end a checkpoint is written once this many steps passed since the last one (or at

@@ -22,7 +22,7 @@ from accelerate.utils import parse_flag_from_env
 from .config import SMALL_IMAGE_MAX, UserError
 
 __all__ = ['Preempted', 'StopFlag', 'resolve_precision', 'cpu_has_fast_bf16', 'cpu_threads', 'choose_workers',
-           'workers_for_pass', 'num_workers_for', 'torch_threads', 'keep_freed_memory', 'process_state', 'make_accelerator', 'end_processes']
+           'num_workers_for', 'torch_threads', 'keep_freed_memory', 'process_state', 'make_accelerator', 'end_processes']
 
 
 class Preempted(Exception):
@@ -130,20 +130,6 @@ def choose_workers(requested: Optional[int], rows, model: torch.nn.Module, input
 
 
 WORKER_MARGIN = 0.8
-
-# DataLoader workers start again at every pass over a loader. Measured here (2 cores, 64 digits at
-# 32 px a batch): a one-batch pass takes 11-15 ms in the process and 56-120 ms with one worker, so
-# a pass shorter than this many batches (a small labeled set, repeated pass after pass) loads in
-# the process instead
-MIN_WORKER_PASS = 20
-
-
-def workers_for_pass(workers: int, batches_per_pass: int, requested: Optional[int], device: torch.device) -> int:
-    """``workers``, or none for a CPU loader whose pass is too short to pay for starting them."""
-    if requested is not None or device.type != 'cpu' or batches_per_pass >= MIN_WORKER_PASS:
-        return workers
-    return 0
-
 
 @contextmanager
 def torch_threads(n: Optional[int]):
