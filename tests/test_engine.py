@@ -144,6 +144,7 @@ def test_min_steps_repeats_short_epochs(digits, tmp_path):
                         train_cfg=_cfg(batch_size=100, min_steps=7), progress=False)
     # 300 labeled images are 3 steps an epoch: 1 epoch becomes 3, for 9 steps (at least 7)
     assert metrics['epochs'] == 3 and metrics['step'] == 9
+    assert metrics['lr'] == 6e-3  # no lr given: the small-data preset's for this narrow model
 
 
 def test_short_epochs_checkpoint_every_hundred_steps_and_at_the_last(digits, tmp_path):
@@ -183,6 +184,26 @@ def test_student_noise_defaults_come_from_the_recipe():
     assert off.randaugment is None
     paper = resolve_stage(ModelStage(model='resnet18'), TrainConfig(preset='paper', lr=0.1), NoiseConfig(), True)
     assert paper.opt['opt'] == 'rmsproptf' and paper.lr == 0.1 and paper.opt['decay_rate'] == 0.97
+
+
+def test_the_small_data_lr_follows_the_models_width():
+    import timm
+    from timm_noisystudent.config import small_data_lr
+    from timm_noisystudent.engine import resolve_stage
+    width = {name: timm.create_model(name, num_classes=10).num_features
+             for name in ('test_efficientnet', 'tf_efficientnet_b0', 'resnet50')}
+    # the two widths measured on the dev tasks, then wider models lower
+    assert small_data_lr(width['test_efficientnet']) == 6e-3 and small_data_lr(width['tf_efficientnet_b0']) == 3e-3
+    assert small_data_lr(1) == 6e-3 and 1e-3 < small_data_lr(width['resnet50']) < 3e-3
+    assert [small_data_lr(n) for n in (256, 512, 1280, 2048, 5504)] == sorted(
+        [small_data_lr(n) for n in (256, 512, 1280, 2048, 5504)], reverse=True)
+    # left to the model only when neither the stage nor the run names an lr, and only for small-data
+    assert resolve_stage(ModelStage(model='tf_efficientnet_b0'), TrainConfig(), NoiseConfig(), True).lr is None
+    assert resolve_stage(ModelStage(model='tf_efficientnet_b0'), TrainConfig(lr=1e-3), NoiseConfig(), True).lr == 1e-3
+    assert resolve_stage(ModelStage(model='tf_efficientnet_b0', lr=2e-3), TrainConfig(lr=1e-3), NoiseConfig(),
+                         False).lr == 2e-3
+    assert resolve_stage(ModelStage(model='tf_efficientnet_b0'), TrainConfig(preset='paper'), NoiseConfig(),
+                         True).lr == 0.016
 
 
 def _train_cmd(digits, out, *extra):

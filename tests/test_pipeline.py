@@ -189,8 +189,13 @@ def test_print_config_and_overrides(data_root, tmp_path, capsys):
     cfg = tmp_path / 'config.yaml'
     cfg.write_text(yaml.safe_dump(_config(data_root, tmp_path / 'out')))
     assert main(['run', str(cfg), 'teacher.epochs=7', 'labels.threshold=0.5', '--print-config']) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
     assert printed['teacher']['epochs'] == 7 and printed['labels']['threshold'] == 0.5
+    # no lr named: the comment says how each model's is chosen; a named one needs no comment
+    assert printed['train']['lr'] is None and '# lr: null -> small-data picks' in out
+    assert main(['run', str(cfg), 'train.lr=1e-3', '--print-config']) == 0
+    assert '# lr:' not in capsys.readouterr().out
     assert not (tmp_path / 'out').exists()
     assert main(['run', str(cfg), 'teacher.epoch=7']) == 2
     assert "did you mean 'teacher.epochs'" in capsys.readouterr().err

@@ -228,14 +228,14 @@ def _add_push_args(p) -> None:
 
 
 def _cmd_run(args) -> None:
-    from .config import apply_overrides, config_from_dict, config_to_yaml, epochs_note, read_config_dict
+    from .config import apply_overrides, config_from_dict, config_to_yaml, epochs_note, lr_note, read_config_dict
     from .pipeline import run
 
     cfg = config_from_dict(apply_overrides(read_config_dict(args.config), args.overrides))
     if args.output:
         cfg.output = args.output
     if args.print_config:
-        _print_main(config_to_yaml(cfg).rstrip() + '\n' + epochs_note(cfg))
+        _print_main(config_to_yaml(cfg).rstrip() + '\n' + lr_note(cfg) + epochs_note(cfg))
         return
     run(cfg, restart_from=args.restart_from, progress=not args.no_progress)
 
@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--image-size', type=int, help='square input size (default: the model\'s own)')
     p.add_argument('--epochs', type=int, help='passes over the data (default 30; see README, "What epochs mean")')
     p.add_argument('--batch-size', type=int, help='labeled images per step (default 64)')
-    p.add_argument('--lr', type=float, help='peak learning rate (default: the preset\'s; small-data 6e-3)')
+    p.add_argument('--lr', type=float, help='peak learning rate (default: the preset\'s; small-data: from the model\'s width, '
+                   '3e-3 for tf_efficientnet_b0, at most 6e-3)')
     p.add_argument('--preset', choices=list(PRESETS),
                    help='optimizer recipe: small-data (AdamW, cosine; default) or paper (RMSProp-TF, step decay)')
     p.add_argument('--ema-decay', type=float, help='EMA of the weights (default: from the run length)')

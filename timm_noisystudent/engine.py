@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -29,7 +29,8 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from . import augment
-from .config import DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError
+from .config import (DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError,
+                     SMALL_DATA_LR_FEATURES, small_data_lr)
 from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
 from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
@@ -68,7 +69,7 @@ class Stage:
     epochs: int
     image_size: Optional[int]
     batch_size: int
-    lr: float
+    lr: Optional[float]  # None: the small-data preset's, from the model's width (resolved in train)
     randaugment: Optional[str]
     dropout: float
     drop_path: float
@@ -330,6 +331,8 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     model = load_model(spec.model, pretrained=spec.pretrained and checkpoint is None, num_classes=num_classes,
                        drop_rate=spec.dropout, drop_path_rate=spec.drop_path, allow_pickle=allow_pickle,
                        checkpoint=checkpoint)
+    if spec.lr is None:
+        spec = replace(spec, lr=small_data_lr(getattr(model, 'num_features', SMALL_DATA_LR_FEATURES)))
     label_names = label_names or model_label_names(model)
     data_config = data_config_of(model, spec.image_size)
     small = small_input_warning(model, spec.model, data_config['input_size'][-1])
