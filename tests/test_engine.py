@@ -147,6 +147,17 @@ def test_min_steps_repeats_short_epochs(digits, tmp_path):
     assert metrics['lr'] == 6e-3  # no lr given: the small-data preset's for this narrow model
 
 
+def test_a_students_minimum_counts_its_images_not_its_steps(digits, tmp_path):
+    # a student step of 16 labeled + 3 x 16 pseudo-labeled images counts 4 batches of 16, so
+    # min_steps 480 asks for 120 steps (480 x 16 images, what a teacher at min_steps 480 sees), not 480
+    metrics = train(ModelStage(model=MODEL, epochs=1, image_size=32), digits['labeled'], tmp_path / 'student',
+                    pseudo=_pseudo_dir(tmp_path / 'labels', 200), unlabeled=digits['unlabeled'],
+                    train_cfg=_cfg(batch_size=16, unlabeled_ratio=3, min_steps=480), progress=False)
+    # one epoch is ceil(300 / 16) = 19 steps, so 120 steps take 7 epochs
+    assert metrics['step'] == 7 * 19 and metrics['images_seen'] == 7 * 19 * 64
+    assert metrics['images_seen'] >= 480 * 16
+
+
 def test_short_epochs_checkpoint_every_hundred_steps_and_at_the_last(digits, tmp_path):
     from timm_noisystudent import engine
     assert engine.EPOCH_CHECKPOINT_MIN_STEPS == 100

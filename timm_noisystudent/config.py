@@ -159,10 +159,11 @@ class TrainConfig:
     checkpoint_every: Optional[int] = None
     keep_checkpoints: int = 2
     log_with: Optional[str] = None  # accelerate tracker: tensorboard, wandb, ...
-    # every teacher and student stage trains at least this many steps: a small labeled set's epochs
-    # are repeated (measured on the dev tasks: 30 epochs of 100 labeled digits are 30 steps). Counted
-    # in steps, not images: a B0 student warm-started on digits first falls (83.5 -> 48 top-1) and
-    # only recovers in a long schedule's low-lr tail (see the README); 0 = off
+    # every teacher and student stage sees at least this many batches of batch_size images: a small
+    # labeled set's epochs are repeated (30 epochs of 100 labeled digits are 30 steps). A student step
+    # of B labeled + ratio x B pseudo-labeled images counts 1 + ratio, so a student trains at least
+    # its teacher's images, not 1 + ratio times them (measured on the dev tasks: on digits the
+    # students of 1,000 steps overfit their pseudo labels, see the README); 0 = off
     min_steps: int = 1000
     max_steps: Optional[int] = None  # cap for tests and smoke runs
 
@@ -217,7 +218,8 @@ def epochs_note(cfg: RunConfig) -> str:
             '# epoch is one pass over the longer of its two streams: the labeled images at batch_size a step, or\n'
             '# the pseudo-labeled images at unlabeled_ratio x batch_size a step. So a student trains at least as\n'
             '# many steps as a teacher with the same epochs, however few rows selection keeps. Every teacher\n'
-            f'# and student stage trains at least train.min_steps ({cfg.train.min_steps}) steps: short epochs repeat.\n'
+            f'# and student stage sees at least train.min_steps ({cfg.train.min_steps}) batches of batch_size images\n'
+            '# (a student step counts 1 + unlabeled_ratio): short epochs repeat.\n'
             f'# resolved epochs: {resolved}')
 
 

@@ -415,9 +415,11 @@ class _Run:
         self.output, self.progress, self.ckpt_root = output, progress, output / 'checkpoints'
         self.steps_per_epoch = len(main_loader)
         updates_per_epoch = math.ceil(self.steps_per_epoch / train_cfg.grad_accum_steps)
-        # short epochs (a small labeled set) are repeated until the stage has its minimum of steps
-        self.epochs = (max(spec.epochs, math.ceil(train_cfg.min_steps / self.steps_per_epoch))
-                       if train_cfg.min_steps else spec.epochs)
+        # short epochs (a small labeled set) are repeated until the stage has seen its minimum of
+        # images, min_steps batches of batch_size: a student step of B labeled and ratio x B pseudo-
+        # labeled images counts 1 + ratio
+        min_steps = math.ceil(train_cfg.min_steps * spec.batch_size / rows.images_per_step)
+        self.epochs = max(spec.epochs, math.ceil(min_steps / self.steps_per_epoch)) if min_steps else spec.epochs
         self.total_steps = self.steps_per_epoch * self.epochs
         if train_cfg.max_steps:
             self.total_steps = min(self.total_steps, train_cfg.max_steps)
