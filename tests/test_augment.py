@@ -182,6 +182,15 @@ def test_small_policy_posterize_keeps_detail_at_low_magnitude():
     assert np.asarray(_ops_by_name(0, 32, small_image_max=0)['Posterize'](img)).max() == 0
 
 
+def test_posterize_is_pils_for_one_to_seven_bits():
+    from PIL import ImageOps
+    img = _image(32)
+    for bits in range(1, 8):
+        for image in (img, img.convert('L')):
+            assert augment._posterize(image, bits).tobytes() == ImageOps.posterize(image, bits).tobytes()
+    assert augment._posterize(img, 8) is img and np.asarray(augment._posterize(img, 0)).max() == 0
+
+
 def test_rand_spec_builds_timm_randaugment():
     transform = augment.noise_transform('rand-m9-n3-mstd0.5', 224)
     assert isinstance(transform, RandAugment) and transform.num_layers == 3
@@ -259,6 +268,26 @@ def test_student_transform_is_reproducible_under_seeds():
         _seed(seed)
         outputs.append(torch.stack([transform(img) for _ in range(4)]))
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize('noise', [None, 'tf-m15-n2', 'rand-m9-n2-mstd0.5'])
+@pytest.mark.parametrize('size', [32, 224])
+def test_uint8_train_transforms_normalized_in_the_batch_are_timms_floats(noise, size):
+    from timm_noisystudent.data import BatchNormalize
+    config = _data_config(size)
+    make = ((lambda **kw: augment.teacher_transform(config, **kw)) if noise is None
+            else (lambda **kw: augment.student_transform(config, noise, **kw)))
+    images = [_image(size + 16 * i) for i in range(4)]
+    _seed(5)
+    floats = torch.stack([make()(img) for img in images])
+    _seed(5)
+    small = torch.stack([make(uint8=True)(img) for img in images])
+    assert small.dtype == torch.uint8 and small.shape == floats.shape
+    # the same draws and the same arithmetic, once for the batch: bit for bit
+    got = BatchNormalize(config['mean'], config['std'])(small)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, floats)
+    assert not BatchNormalize(config['mean'], config['std'], channels_last=False)(small).is_contiguous(
+        memory_format=torch.channels_last)
 
 
 def test_cutout_fills_grayscale_images():

@@ -412,6 +412,7 @@ class _Run:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.main_loader, self.side_loader, self.eval_loader = main_loader, side_loader, eval_loader
         self.spec, self.cfg, self.hard, self.num_classes = spec, train_cfg, rows.hard, num_classes
+        self.normalize = rows.normalize
         self.output, self.progress, self.ckpt_root = output, progress, output / 'checkpoints'
         self.steps_per_epoch = len(main_loader)
         updates_per_epoch = math.ceil(self.steps_per_epoch / train_cfg.grad_accum_steps)
@@ -473,8 +474,9 @@ class _Run:
             x = torch.cat([lb.pixel_values, x]) if n_main else lb.pixel_values
             n_lab = lb.pixel_values.shape[0]
         x = x.to(accelerator.device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if x.dtype == torch.uint8 and self.normalize is not None:
+            x = self.normalize(x)  # uint8 over the wire, to the device; the float model input from here
+        x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         with accelerator.autocast():
             logits = self.model(x).float()
         if side is None:
