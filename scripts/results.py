@@ -73,7 +73,7 @@ def _pseudo_accuracy(labels_dir: Path, truth: np.ndarray) -> float:
 
 def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline: bool) -> dict:
     import datasets
-    from timm_noisystudent.config import ModelStage, apply_overrides, config_from_dict
+    from timm_noisystudent.config import apply_overrides, config_from_dict
     from timm_noisystudent.engine import train
     from timm_noisystudent.pipeline import run, students_beat_teachers
     from timm_noisystudent.rundir import stage_kind

@@ -13,10 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from timm_noisystudent.cli import main
 from timm_noisystudent.models import load_model, save_model
@@ -204,7 +202,6 @@ def _selected(labels_dir: Path) -> dict:
 
 @pytest.mark.parametrize('damage', ['truncated', 'ten-rows-of-its-range', 'no-metadata'])
 def test_a_damaged_raw_shard_is_redone(damage, data_root, model_dir, tmp_path, capsys):
-    import pyarrow as pa
     import pyarrow.parquet as pq
     unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=24)
     ref, out = tmp_path / 'ref', tmp_path / 'labels'
