@@ -40,7 +40,7 @@ def test_bench_cli_writes_the_table_and_json(tmp_path):
                 'rss_ratio_8n_vs_n'):
         assert lab[key] is not None and lab[key] > 0, key
     for key in ('img_per_s', 'baseline_img_per_s', 'tuned_img_per_s', 'ratio_to_baseline', 'ratio_to_tuned',
-                'fraction_of_ceiling'):
+                'fraction_of_ceiling', 'teacher_img_per_s', 'teacher_fraction_of_ceiling'):
         assert tr[key] is not None and tr[key] > 0, key
     assert 0.0 <= r['agreement_bf16_fp32'] <= 1.0
     assert 0.0 <= lab['agreement_with_baseline'] <= 1.0
@@ -49,6 +49,7 @@ def test_bench_cli_writes_the_table_and_json(tmp_path):
     assert s['n'] == 48 and s['batch_size'] == 8 and s['rss_images'] == [8, 48]
     assert lab['runs']['project']['images'] == 48 and lab['runs']['project_small']['images'] == 8
     assert tr['runs']['student']['clock_steps'] == 2 + 2  # warm-up + timed steps, all through engine.train
+    assert tr['runs']['teacher']['clock_steps'] == 2 + 2 and 'noisystudent teacher' in proc.stdout
 
 
 def test_generated_images_vary_in_size_and_are_reused(tmp_path):

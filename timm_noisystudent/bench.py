@@ -8,7 +8,7 @@ not. So every number here comes with its baseline from the same run:
   ``DataLoader`` with as many workers, fp32 NCHW, ``torch.no_grad``, softmax kept in a Python
   list), and the ceiling: the bare forward in the project's precision and layout on ready tensors;
 * training, as student steps through ``engine.train`` (mixed labeled + pseudo-labeled batch,
-  RandAugment, dropout, stochastic depth, EMA), against a plain loop (timm's train transform,
+  RandAugment, dropout, stochastic depth, EMA) and as teacher steps (crop/flip, EMA), against a plain loop (timm's train transform,
   fp32 NCHW, SGD, cross-entropy), a tuned plain loop (channels_last, and bf16 autocast where
   bf16 is fast, as timm's ``train.py --channels-last --amp --amp-dtype bfloat16``), and the
   bare forward+backward ceiling;
@@ -442,6 +442,25 @@ def student_training(model_name: str, folder: Path, n: int, batch_size: int, num
             'clock_steps': len(clock.times)}
 
 
+def teacher_training(model_name: str, folder: Path, batch_size: int, num_workers: Optional[int], out: Path,
+                     steps: int, warmup: int, seed: int = 0, image_size: Optional[int] = None,
+                     precision: str = 'auto') -> Dict[str, Any]:
+    """Teacher steps through ``engine.train`` on the whole folder: crop/flip, its loader, optimizer and EMA."""
+    from .config import DataSource, ModelStage, TrainConfig
+    from .engine import train
+
+    shutil.rmtree(out, ignore_errors=True)
+    clock = _step_clock()
+    stage = ModelStage(model=model_name, epochs=1, image_size=image_size, batch_size=batch_size)
+    cfg = TrainConfig(max_steps=warmup + steps, num_workers=num_workers, log_with=[clock], mixed_precision=precision)
+    with _threads_kept():
+        metrics = train(stage, DataSource(path=str(folder)), out / 'teacher', train_cfg=cfg, seed=seed,
+                        progress=False)
+    rate = _steps_per_s(clock.times, warmup, batch_size)
+    return {'img_per_s': rate if rate is not None else metrics['img_per_s'], 'steps': steps,
+            'images_per_step': batch_size, 'clock_steps': len(clock.times), 'num_workers': metrics['num_workers']}
+
+
 def plain_training(model_name: str, folder: Path, batch_size: int, num_workers: int, device: torch.device,
                    steps: int, warmup: int, seed: int = 0, image_size: Optional[int] = None,
                    channels_last: bool = False, amp_dtype: Optional[torch.dtype] = None,
@@ -609,6 +628,11 @@ def run_bench(
             out=str(root / 'train'), steps=train_steps, warmup=2, seed=seed, image_size=image_size,
             randaugment=DEFAULTS['randaugment'], unlabeled_ratio=DEFAULTS['unlabeled_ratio'],
             classes=DEFAULTS['classes'], precision=train_precision), dev)
+        log(f'teacher training ({train_steps} timed steps, engine.train) ...')
+        teacher = _in_child('teacher', dict(
+            model_name=model, folder=str(folder), batch_size=batch_size, num_workers=num_workers,
+            out=str(root / 'train-teacher'), steps=train_steps, warmup=2, seed=seed, image_size=image_size,
+            precision=train_precision), dev)
         log('plain timm training loop ...')
         with _threads_kept():
             base_t = plain_training(model, folder, batch_size, workers, dev, max(2, train_steps - 1), 1, seed,
@@ -627,7 +651,9 @@ def run_bench(
             'ratio_to_baseline': _ratio(student['img_per_s'], base_t['img_per_s']),
             'ratio_to_tuned': _ratio(student['img_per_s'], tuned['img_per_s']),
             'fraction_of_ceiling': _ratio(student['img_per_s'], ceil_t['img_per_s']),
-            'runs': {'student': student, 'baseline': base_t, 'tuned': tuned, 'ceiling': ceil_t},
+            'teacher_img_per_s': teacher['img_per_s'],
+            'teacher_fraction_of_ceiling': _ratio(teacher['img_per_s'], ceil_t['img_per_s']),
+            'runs': {'student': student, 'teacher': teacher, 'baseline': base_t, 'tuned': tuned, 'ceiling': ceil_t},
         }
 
         log(f'bf16 vs fp32 top-1 on {agreement_images} images ...')
@@ -684,6 +710,7 @@ def format_table(r: Dict[str, Any]) -> str:
         (f"training: student steps ({tr_runs['student']['images_per_step']} images/step)",) + header,
         _row(f"noisystudent student (engine.train, {tr_runs['student']['randaugment']}, EMA)",
              tr['img_per_s'], tr_base, tr_ceil),
+        _row('noisystudent teacher (engine.train, crop/flip, EMA)', tr.get('teacher_img_per_s'), tr_base, tr_ceil),
         _row('baseline: timm transform, fp32 NCHW, SGD, CE', tr_base, tr_base, tr_ceil),
         _row(f"tuned plain loop: channels_last, {_prec(tr_runs['tuned']['precision'])}",
              tr['tuned_img_per_s'], tr_base, tr_ceil),
@@ -733,6 +760,10 @@ def _child_ceiling(args: Dict[str, Any]) -> Dict[str, Any]:
 
 def _child_student(args: Dict[str, Any]) -> Dict[str, Any]:
     return student_training(folder=Path(args.pop('folder')), out=Path(args.pop('out')), **args)
+
+
+def _child_teacher(args: Dict[str, Any]) -> Dict[str, Any]:
+    return teacher_training(folder=Path(args.pop('folder')), out=Path(args.pop('out')), **args)
 
 
 # --- scale: million-file folders and ten-million-row selection ---------------------------------
@@ -901,7 +932,7 @@ def format_scale(r: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-_CHILDREN = {'label': _child_label, 'ceiling': _child_ceiling, 'student': _child_student,
+_CHILDREN = {'label': _child_label, 'ceiling': _child_ceiling, 'student': _child_student, 'teacher': _child_teacher,
              'selection': _child_selection, 'first_step': _child_first_step}
 
 
