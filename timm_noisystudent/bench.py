@@ -8,8 +8,8 @@ not. So every number here comes with its baseline from the same run:
   ``DataLoader`` with as many workers, fp32 NCHW, ``torch.no_grad``, softmax kept in a Python
   list), and the ceiling: the bare forward in the project's precision and layout on ready tensors;
 * training, as student steps through ``engine.train`` (mixed labeled + pseudo-labeled batch,
-  RandAugment, dropout, stochastic depth, EMA) and as teacher steps (crop/flip, EMA), against a plain loop (timm's train transform,
-  fp32 NCHW, SGD, cross-entropy), a tuned plain loop (channels_last, and bf16 autocast where
+  RandAugment, dropout, stochastic depth, EMA) and as teacher steps (crop/flip, EMA), against a
+  plain loop (timm's train transform, fp32 NCHW, SGD, cross-entropy), a tuned plain loop (channels_last, and bf16 autocast where
   bf16 is fast, as timm's ``train.py --channels-last --amp --amp-dtype bfloat16``), and the
   bare forward+backward ceiling;
 * peak RSS of labeling at N/8 and N images, each in its own process so the peaks do not mix;
@@ -409,13 +409,28 @@ def _pseudo_dir(out: Path, indices: np.ndarray, classes: int, seed: int) -> Path
     return out
 
 
+def _timed_train(stage, labeled, out: Path, steps: int, warmup: int, images_per_step: int, num_workers, precision,
+                 seed: int, **train_kwargs) -> Dict[str, Any]:
+    """``engine.train`` for warm-up + ``steps`` steps, each step's time kept by an Accelerate tracker."""
+    from .config import TrainConfig
+    from .engine import train
+
+    clock = _step_clock()
+    cfg = TrainConfig(max_steps=warmup + steps, num_workers=num_workers, log_with=[clock], mixed_precision=precision)
+    with _threads_kept():
+        metrics = train(stage, labeled, out, train_cfg=cfg, seed=seed, progress=False, **train_kwargs)
+    rate = _steps_per_s(clock.times, warmup, images_per_step)
+    return {'img_per_s': rate if rate is not None else metrics['img_per_s'], 'steps': steps,
+            'images_per_step': images_per_step, 'clock_steps': len(clock.times),
+            'num_workers': metrics['num_workers']}
+
+
 def student_training(model_name: str, folder: Path, n: int, batch_size: int, num_workers: Optional[int],
                      out: Path, steps: int, warmup: int, seed: int = 0, image_size: Optional[int] = None,
                      randaugment: str = DEFAULTS['randaugment'], unlabeled_ratio: int = 1,
                      classes: int = 10, precision: str = 'auto') -> Dict[str, Any]:
     """Student steps through ``engine.train``: its loader, mixed batch, noise, optimizer and EMA."""
-    from .config import DataSource, ModelStage, NoiseConfig, TrainConfig
-    from .engine import train
+    from .config import DataSource, ModelStage, NoiseConfig
 
     per_step = batch_size
     labeled_b = max(1, per_step // (1 + unlabeled_ratio))
@@ -426,39 +441,25 @@ def student_training(model_name: str, folder: Path, n: int, batch_size: int, num
         raise UserError(f'--n {n} is too small for {total} student steps of {per_step} images; raise --n.')
     shutil.rmtree(out, ignore_errors=True)
     pseudo = _pseudo_dir(out / 'pseudo', pseudo_rows, classes, seed)
-    clock = _step_clock()
     stage = ModelStage(model=model_name, epochs=1, image_size=image_size, batch_size=labeled_b,
                        unlabeled_ratio=unlabeled_ratio, randaugment=randaugment, dropout=0.2, drop_path=0.2)
-    cfg = TrainConfig(max_steps=total, num_workers=num_workers, log_with=[clock], mixed_precision=precision)
     # the student's head is random: the bench does not download weights
-    with _threads_kept():
-        metrics = train(stage, DataSource(path=str(folder), split=f'train[:{n_labeled}]'), out / 'student',
-                        pseudo=pseudo, unlabeled=DataSource(path=str(folder)), train_cfg=cfg, seed=seed,
-                        progress=False, noise=NoiseConfig())
-    images = labeled_b * (1 + unlabeled_ratio)
-    rate = _steps_per_s(clock.times, warmup, images)
-    return {'img_per_s': rate if rate is not None else metrics['img_per_s'], 'steps': steps,
-            'images_per_step': images, 'randaugment': randaugment, 'labeled_per_step': labeled_b,
-            'clock_steps': len(clock.times)}
+    result = _timed_train(stage, DataSource(path=str(folder), split=f'train[:{n_labeled}]'), out / 'student',
+                          steps, warmup, labeled_b * (1 + unlabeled_ratio), num_workers, precision, seed,
+                          pseudo=pseudo, unlabeled=DataSource(path=str(folder)), noise=NoiseConfig())
+    return {**result, 'randaugment': randaugment, 'labeled_per_step': labeled_b}
 
 
 def teacher_training(model_name: str, folder: Path, batch_size: int, num_workers: Optional[int], out: Path,
                      steps: int, warmup: int, seed: int = 0, image_size: Optional[int] = None,
                      precision: str = 'auto') -> Dict[str, Any]:
     """Teacher steps through ``engine.train`` on the whole folder: crop/flip, its loader, optimizer and EMA."""
-    from .config import DataSource, ModelStage, TrainConfig
-    from .engine import train
+    from .config import DataSource, ModelStage
 
     shutil.rmtree(out, ignore_errors=True)
-    clock = _step_clock()
     stage = ModelStage(model=model_name, epochs=1, image_size=image_size, batch_size=batch_size)
-    cfg = TrainConfig(max_steps=warmup + steps, num_workers=num_workers, log_with=[clock], mixed_precision=precision)
-    with _threads_kept():
-        metrics = train(stage, DataSource(path=str(folder)), out / 'teacher', train_cfg=cfg, seed=seed,
-                        progress=False)
-    rate = _steps_per_s(clock.times, warmup, batch_size)
-    return {'img_per_s': rate if rate is not None else metrics['img_per_s'], 'steps': steps,
-            'images_per_step': batch_size, 'clock_steps': len(clock.times), 'num_workers': metrics['num_workers']}
+    return _timed_train(stage, DataSource(path=str(folder)), out / 'teacher', steps, warmup, batch_size,
+                        num_workers, precision, seed)
 
 
 def plain_training(model_name: str, folder: Path, batch_size: int, num_workers: int, device: torch.device,

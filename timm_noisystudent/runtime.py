@@ -131,6 +131,7 @@ def choose_workers(requested: Optional[int], rows, model: torch.nn.Module, input
 
 WORKER_MARGIN = 0.8
 
+
 @contextmanager
 def torch_threads(n: Optional[int]):
     """torch.set_num_threads(n) for a block, then the count from before; None leaves it alone."""
