@@ -249,6 +249,25 @@ def test_kill_and_resume_gives_the_same_weights(digits, tmp_path):
     assert not list((tmp_path / 'killed').rglob('*.tmp*'))
 
 
+def test_a_resumed_stage_keeps_the_workers_its_start_measured(digits, tmp_path):
+    # the measured worker count sets torch's threads, and so the floats: a resumption must not measure again
+    cfg = TrainConfig(batch_size=8, num_workers=None, mixed_precision='no', min_steps=0, max_steps=4,
+                      checkpoint_every=2)
+    stage = ModelStage(model=MODEL, epochs=1, image_size=32)
+    first = train(stage, digits['labeled'], tmp_path / 'out', train_cfg=cfg, progress=False)
+    ckpts = sorted((tmp_path / 'out' / 'checkpoints').glob('step-*'))
+    states = [json.loads((c / 'trainer_state.json').read_text()) for c in ckpts]
+    assert len(states) == 2 and {s['num_workers'] for s in states} == {first['num_workers']}
+    other = first['num_workers'] + 1  # what the start would have measured on another day
+    for c, state in zip(ckpts, states):
+        (c / 'trainer_state.json').write_text(json.dumps({**state, 'num_workers': other}))
+    resumed = train(stage, digits['labeled'], tmp_path / 'out', train_cfg=cfg, resume=True, progress=False)
+    assert resumed['num_workers'] == other and resumed['step'] == 4
+    fresh = train(stage, digits['labeled'], tmp_path / 'fresh', train_cfg=cfg, resume=True, progress=False)
+    last = sorted((tmp_path / 'fresh' / 'checkpoints').glob('step-*'))[-1]  # no checkpoint to resume: measured
+    assert json.loads((last / 'trainer_state.json').read_text())['num_workers'] == fresh['num_workers']
+
+
 def test_parquet_source_and_odd_images(tmp_path, digits):
     x, y = digits_arrays(32)
     root = write_image_folder(tmp_path / 'odd', x[:40], y[:40] % 2)

@@ -198,6 +198,22 @@ def _latest_checkpoint(root: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def _workers_at_start(ckpt_root: Path) -> Optional[int]:
+    """The data workers an unfinished stage measured when it started, from its newest readable checkpoint.
+
+    Its resumption keeps them, and with them torch's thread count (``cpu_threads``), so it computes
+    the floats an uninterrupted run would; measuring again could choose otherwise on a busier machine.
+    """
+    for ckpt in reversed(_checkpoint_dirs(ckpt_root)):
+        try:
+            value = json.loads((ckpt / 'trainer_state.json').read_text()).get('num_workers')
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
 def check_trackers(log_with: Any, key: str = '--log-with') -> None:
     """Accelerate's own tracker check (``filter_trackers``), up front and as one line: an unknown name, or a
     tracker whose package is missing (Accelerate would only drop it, and the run would log nothing)."""
@@ -343,8 +359,11 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     rows = train_rows(labeled_ds, image_col, label_col, num_classes, data_config, spec.batch_size, seed,
                       pseudo=pseudo, unlabeled=unlabeled, randaugment=spec.randaugment,
                       unlabeled_ratio=spec.unlabeled_ratio, unaugmented=unaugmented)
-    num_workers = choose_workers(train_cfg.num_workers, rows.main, model, data_config['input_size'],
-                                 accelerator.device, train=True, batch_size=rows.images_per_step)
+    # measured when the stage starts; a resumed stage keeps what its start measured
+    resumed_workers = _workers_at_start(output / 'checkpoints') if resume and train_cfg.num_workers is None else None
+    num_workers = resumed_workers if resumed_workers is not None else choose_workers(
+        train_cfg.num_workers, rows.main, model, data_config['input_size'], accelerator.device, train=True,
+        batch_size=rows.images_per_step)
     # chosen workers on CPU: a short pass loads in the process (see data.MIN_WORKER_PASS)
     short = train_cfg.num_workers is None and accelerator.device.type == 'cpu'
     main_loader, side_loader = train_loaders(rows, num_workers, short_pass_in_process=short)
@@ -365,6 +384,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     run = _Run(accelerator, model, optimizer, main_loader, side_loader, eval_batches, spec, train_cfg, rows,
                num_classes, output, progress)
     run.restore(resume)
+    run.state['num_workers'] = num_workers  # checkpointed with the step, for a resumption
     run.loop(max(w or 0 for w in workers.values()))
 
     final = {**run.summary(), **workers, 'labeled_images': len(rows.labeled),
