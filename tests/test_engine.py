@@ -263,6 +263,11 @@ def test_a_resumed_stage_keeps_the_workers_its_start_measured(digits, tmp_path):
         (c / 'trainer_state.json').write_text(json.dumps({**state, 'num_workers': other}))
     resumed = train(stage, digits['labeled'], tmp_path / 'out', train_cfg=cfg, resume=True, progress=False)
     assert resumed['num_workers'] == other and resumed['step'] == 4
+    for c, state in zip(ckpts, states):  # started on another kind of machine: measured again
+        (c / 'trainer_state.json').write_text(json.dumps({**state, 'num_workers': 99,
+                                                          'workers_machine': 'cuda, 64 cpus, 8 processes'}))
+    elsewhere = train(stage, digits['labeled'], tmp_path / 'out', train_cfg=cfg, resume=True, progress=False)
+    assert elsewhere['num_workers'] < 99 and elsewhere['step'] == 4
     fresh = train(stage, digits['labeled'], tmp_path / 'fresh', train_cfg=cfg, resume=True, progress=False)
     last = sorted((tmp_path / 'fresh' / 'checkpoints').glob('step-*'))[-1]  # no checkpoint to resume: measured
     assert json.loads((last / 'trainer_state.json').read_text())['num_workers'] == fresh['num_workers']

@@ -198,17 +198,25 @@ def _latest_checkpoint(root: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def _workers_at_start(ckpt_root: Path) -> Optional[int]:
+def _workers_machine(device: torch.device) -> str:
+    return f'{device.type}, {os.cpu_count()} cpus, {process_state().num_processes} processes'
+
+
+def _workers_at_start(ckpt_root: Path, device: torch.device) -> Optional[int]:
     """The data workers an unfinished stage measured when it started, from its newest readable checkpoint.
 
-    Its resumption keeps them, and with them torch's thread count (``cpu_threads``), so it computes
-    the floats an uninterrupted run would; measuring again could choose otherwise on a busier machine.
+    Its resumption on the same kind of machine keeps them, and with them torch's thread count
+    (``cpu_threads``), so it computes the floats an uninterrupted run would; measuring again could
+    choose otherwise on a busier machine. Elsewhere (another device or core count) it measures.
     """
     for ckpt in reversed(_checkpoint_dirs(ckpt_root)):
         try:
-            value = json.loads((ckpt / 'trainer_state.json').read_text()).get('num_workers')
+            state = json.loads((ckpt / 'trainer_state.json').read_text())
+            value, machine = state.get('num_workers'), state.get('workers_machine')
         except (OSError, ValueError, AttributeError):
             continue
+        if machine != _workers_machine(device):
+            return None
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return None
@@ -360,7 +368,8 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
                       pseudo=pseudo, unlabeled=unlabeled, randaugment=spec.randaugment,
                       unlabeled_ratio=spec.unlabeled_ratio, unaugmented=unaugmented)
     # measured when the stage starts; a resumed stage keeps what its start measured
-    resumed_workers = _workers_at_start(output / 'checkpoints') if resume and train_cfg.num_workers is None else None
+    resumed_workers = (_workers_at_start(output / 'checkpoints', accelerator.device)
+                       if resume and train_cfg.num_workers is None else None)
     num_workers = resumed_workers if resumed_workers is not None else choose_workers(
         train_cfg.num_workers, rows.main, model, data_config['input_size'], accelerator.device, train=True,
         batch_size=rows.images_per_step)
@@ -384,7 +393,8 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     run = _Run(accelerator, model, optimizer, main_loader, side_loader, eval_batches, spec, train_cfg, rows,
                num_classes, output, progress)
     run.restore(resume)
-    run.state['num_workers'] = num_workers  # checkpointed with the step, for a resumption
+    # checkpointed with the step, for a resumption
+    run.state.update(num_workers=num_workers, workers_machine=_workers_machine(accelerator.device))
     run.loop(max(w or 0 for w in workers.values()))
 
     final = {**run.summary(), **workers, 'labeled_images': len(rows.labeled),
