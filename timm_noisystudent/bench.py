@@ -9,9 +9,9 @@ not. So every number here comes with its baseline from the same run:
   list), and the ceiling: the bare forward in the project's precision and layout on ready tensors;
 * training, as student steps through ``engine.train`` (mixed labeled + pseudo-labeled batch,
   RandAugment, dropout, stochastic depth, EMA) and as teacher steps (crop/flip, EMA), against a
-  plain loop (timm's train transform, fp32 NCHW, SGD, cross-entropy), a tuned plain loop (channels_last, and bf16 autocast where
-  bf16 is fast, as timm's ``train.py --channels-last --amp --amp-dtype bfloat16``), and the
-  bare forward+backward ceiling;
+  plain loop (timm's train transform, fp32 NCHW, SGD, cross-entropy), a tuned plain loop
+  (channels_last, and bf16 autocast where bf16 is fast, as timm's ``train.py --channels-last
+  --amp --amp-dtype bfloat16``), and the bare forward+backward ceiling;
 * peak RSS of labeling at N/8 and N images, each in its own process so the peaks do not mix;
 * top-1 agreement of bf16 and fp32 labels.
 
