@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import yaml
 
@@ -558,9 +559,10 @@ def test_a_folder_with_metadata_is_read_by_datasets(data_root, tmp_path):
     assert 'caption' in ds.column_names and len(ds) == 4
 
 
-def test_a_run_resolves_each_source_once(data_root, tmp_path):
+def test_a_run_resolves_each_source_once(data_root, tmp_path, capsys):
     from timm_noisystudent import data
     data.RESOLUTIONS.clear()
+    bars_before = datasets.is_progress_bar_enabled()
     cfg = {
         'labeled': str(data_root / 'labeled'), 'unlabeled': str(_unlabeled_copy(data_root, tmp_path / 'unl', 32)),
         'eval': str(data_root / 'test'),
@@ -572,6 +574,9 @@ def test_a_run_resolves_each_source_once(data_root, tmp_path):
     }
     (tmp_path / 'run.yaml').write_text(yaml.safe_dump(cfg))
     assert main(['run', str(tmp_path / 'run.yaml'), '--no-progress']) == 0
+    err = capsys.readouterr().err
+    assert 'indexing' not in err and 'files/s' not in err  # --no-progress: no bar, the index's included
+    assert datasets.is_progress_bar_enabled() == bars_before
     counts = {key[0]: n for key, n in data.RESOLUTIONS.items()}
     assert counts == {cfg['labeled']: 1, cfg['unlabeled']: 1, cfg['eval']: 1}  # 5 stages, 3 sources, 3 resolutions
     index = tmp_path / 'run' / 'sources' / 'unlabeled'

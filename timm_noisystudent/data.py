@@ -172,26 +172,29 @@ def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
     metadata = set(getattr(ImageFolder, 'METADATA_FILENAMES', ('metadata.csv', 'metadata.jsonl', 'metadata.parquet')))
     root = root.resolve()
     paths: List[str] = []
-    bar = tqdm(desc=f'indexing {root.name}', unit='files', disable=not progress, leave=False, dynamic_ncols=True)
-    stack = [(str(root), 0)]
-    while stack:
-        folder, depth = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(('.', '__')):
-                    continue
-                low = name.lower()
-                if depth < 2 and low.startswith(_SPLIT_WORDS):
-                    raise _NotPlain(f'{entry.path} looks like a split name')
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, depth + 1))
-                elif name in metadata or low.endswith(_DATA_FILE_SUFFIXES):
-                    raise _NotPlain(f'{entry.path} is a metadata or data file')
-                elif os.path.splitext(low)[1] in extensions:
-                    paths.append(entry.path)
-        bar.update(len(paths) - bar.n)
-    bar.close()
+    bar = tqdm(desc=f'indexing {root.name}', unit='files', leave=False, dynamic_ncols=True,
+               disable=not (progress and datasets.is_progress_bar_enabled()))  # --no-progress turns datasets' off
+    try:
+        stack = [(str(root), 0)]
+        while stack:
+            folder, depth = stack.pop()
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith(('.', '__')):
+                        continue
+                    low = name.lower()
+                    if depth < 2 and low.startswith(_SPLIT_WORDS):
+                        raise _NotPlain(f'{entry.path} looks like a split name')
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, depth + 1))
+                    elif name in metadata or low.endswith(_DATA_FILE_SUFFIXES):
+                        raise _NotPlain(f'{entry.path} is a metadata or data file')
+                    elif os.path.splitext(low)[1] in extensions:
+                        paths.append(entry.path)
+            bar.update(len(paths) - bar.n)
+    finally:
+        bar.close()  # also when datasets reads the folder instead: no stray '0files' line
     if not paths:
         raise UserError(f'no images or data files found in {root}.')
     paths.sort()

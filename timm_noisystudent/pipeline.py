@@ -141,9 +141,24 @@ def run(
     _check_before_training(cfg)
     state = process_state()
     sources = {'labeled': cfg.labeled, 'unlabeled': cfg.unlabeled, 'eval': cfg.eval, 'validation': cfg.validation}
-    with output_lock(out, state):  # one run per directory; a second one stops here
+    with output_lock(out, state), _datasets_bars(progress):  # one run per directory; a second one stops here
         with sources_of_run(out / 'sources', sources, state):  # each source resolved once, for every stage
             return _run(cfg, out, state, restart_from, progress, echo)
+
+
+@contextmanager
+def _datasets_bars(progress: bool):
+    """With ``progress=False``, datasets' own bars (and the source index's, which follows them) stay off."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was and not progress:
+            datasets.enable_progress_bars()
 
 
 def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress: bool,
