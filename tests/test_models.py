@@ -218,3 +218,60 @@ def test_small_inputs_for_the_architecture_stride_are_warned_about():
     assert 'image_size (at least 64)' in message
     assert small_input_warning(b0, 'tf_efficientnet_b0', 64) is None
     assert small_input_warning(torch.nn.Linear(2, 2), 'linear', 8) is None  # no feature_info: nothing to say
+
+
+
+def _grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_cropped_small_map_depthwise_trains_with_the_full_kernels_outputs_and_gradients(tmp_path):
+    import copy
+
+    from timm_noisystudent.models import crop_small_map_depthwise
+    torch.manual_seed(0)
+    b0 = timm.create_model('tf_efficientnet_b0', num_classes=10, drop_rate=0.0, drop_path_rate=0.0).double()
+    cropped = copy.deepcopy(b0)
+    # B0's twelve stride-1 depthwise convs (five 3x3, seven 5x5); the strided ones keep their kernels
+    assert crop_small_map_depthwise(cropped) == 12
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.arange(4)  # maps down to 1x1
+    loss, grads = _grads(b0, x, y)
+    loss_c, grads_c = _grads(cropped, x, y)
+    assert torch.allclose(loss, loss_c, rtol=1e-12, atol=0)
+    assert grads.keys() == grads_c.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_c[name], rtol=1e-9, atol=1e-12), name
+    # a 5x5 conv on a 1x1 map: only its centre tap meets a pixel, in the full kernel as in the cropped one
+    g = grads_c['blocks.5.3.conv_dw.weight']
+    ring = torch.ones(5, 5, dtype=torch.bool)
+    ring[2, 2] = False
+    assert g[..., ring].abs().sum() == 0 and g[..., 2, 2].abs().sum() > 0
+    # evaluation is the plain conv, and the export is plain timm's
+    cropped.eval()
+    with torch.no_grad():
+        assert torch.equal(cropped(x), b0.eval()(x))
+    save_model(cropped.float(), tmp_path / 'm')
+    again = timm.create_model(f'local-dir:{tmp_path / "m"}', pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(x.float()), cropped(x.float()), rtol=1e-5, atol=1e-6)
+
+
+def test_cropping_leaves_the_convs_it_cannot_crop_exactly_alone():
+    from timm_noisystudent.models import crop_small_map_depthwise
+    convs = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),   # strided
+        torch.nn.Conv2d(8, 8, 3, padding=1),                       # dense
+        torch.nn.Conv2d(8, 8, 5, padding=1, groups=8),             # not same-padded
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode='reflect'),
+        torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),
+        torch.nn.Conv2d(8, 8, 5, padding=2, groups=8)).double()    # the one it crops
+    assert crop_small_map_depthwise(convs) == 1
+    assert [type(m) is torch.nn.Conv2d for m in convs] == [True] * 5 + [False]
+    conv = convs[5]
+    for shape in [(2, 8, 3, 1), (2, 8, 1, 1), (2, 8, 2, 6), (2, 8, 7, 7)]:  # cropped to 5x1, 1x1, 3x5; 7x7 not
+        x = torch.randn(*shape, dtype=torch.float64)
+        ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, 1, 2, 1, 8)
+        assert torch.allclose(conv(x), ref, rtol=1e-12, atol=1e-12), shape

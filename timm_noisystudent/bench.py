@@ -499,9 +499,13 @@ def plain_training(model_name: str, folder: Path, batch_size: int, num_workers: 
 
 def training_ceiling(model_name: str, batch_size: int, device: torch.device, precision: str, steps: int,
                      seed: int = 0, image_size: Optional[int] = None, classes: int = 10) -> Dict[str, Any]:
-    """The bare forward+backward (no data, no optimizer) in the project's training precision and layout."""
+    """The bare forward+backward (no data, no optimizer) in the project's training precision and layout,
+    with the convolutions training uses (``engine.train`` crops small-map depthwise kernels where that pays)."""
+    from .models import crop_small_map_depthwise, small_map_depthwise_pays
+
     model = _model(model_name, seed, num_classes=classes, drop_rate=0.2, drop_path_rate=0.2)
     model = model.train().to(device, memory_format=torch.channels_last)
+    cropped = crop_small_map_depthwise(model) if small_map_depthwise_pays(device) else 0
     size = _data_config(model, image_size)['input_size']
     x = torch.randn(batch_size, *size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch_size,), device=device)
@@ -515,7 +519,7 @@ def training_ceiling(model_name: str, batch_size: int, device: torch.device, pre
         _sync(device)
         times.append(time.perf_counter())
     return {'img_per_s': _steps_per_s(times, 1, batch_size), 'steps': steps, 'precision': precision,
-            'layout': 'channels_last'}
+            'layout': 'channels_last', 'cropped_depthwise': cropped}
 
 
 # --- the whole bench -----------------------------------------------------------------------------

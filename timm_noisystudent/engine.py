@@ -40,7 +40,8 @@ from .runtime import (
     resolve_precision, torch_threads,
 )
 from .models import (
-    data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model, small_input_warning,
+    crop_small_map_depthwise, data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model,
+    small_input_warning, small_map_depthwise_pays,
 )
 
 # the student noise at 64 px and below when neither the config nor the variant's recipe names one:
@@ -363,6 +364,8 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     if small and accelerator.is_main_process and not unaugmented:
         warnings.warn(small, stacklevel=2)
     _freeze_early_blocks(model, freeze_blocks)
+    # exact, and only where it was measured faster (see models.small_map_depthwise_pays)
+    cropped = crop_small_map_depthwise(model) if small_map_depthwise_pays(accelerator.device) else 0
 
     rows = train_rows(labeled_ds, image_col, label_col, num_classes, data_config, spec.batch_size, seed,
                       pseudo=pseudo, unlabeled=unlabeled, randaugment=spec.randaugment,
@@ -402,7 +405,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
              'image_size': data_config['input_size'][-1],
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
                        'unlabeled_ratio': spec.unlabeled_ratio} if student else None,
-             'ema_decay': run.ema_decay, 'lr': spec.lr, 'batch_size': spec.batch_size,
+             'ema_decay': run.ema_decay, 'lr': spec.lr, 'batch_size': spec.batch_size, 'cropped_depthwise': cropped,
              'eval': source_record(eval_data)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
