@@ -452,7 +452,6 @@ def small_input_warning(model: torch.nn.Module, name: str, image_size: int) -> O
             'downsampling usually trains better (see the README, "Small images").')
 
 
-
 class _SmallMapDepthwise(torch.nn.Conv2d):
     """A stride-1 depthwise conv that, while training on a map smaller than its kernel's reach,
     convolves with only the taps that can meet a pixel. The output and every gradient are those of
