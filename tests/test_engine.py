@@ -63,6 +63,7 @@ def test_teacher_learns_well_above_chance(teacher):
     assert [l['epoch'] for l in lines] == [1, 2, 3, 4, 5, 6]
     saved = json.loads((out / 'metrics.json').read_text())
     assert saved['top1'] == metrics['top1'] and set(saved) >= {'top1', 'top5', 'loss', 'epoch'}
+    assert saved['head'] == 'zeros'  # a model from scratch: its classifier started at zero
 
 
 def test_eval_uses_the_ema_and_the_export_is_the_ema(teacher, digits):
@@ -122,6 +123,7 @@ def test_student_trains_on_mixed_batches(digits, teacher, tmp_path):
     assert metrics['pseudo_images'] == 200
     assert metrics['noise'] == {'randaugment': 'tf-m9-n2', 'dropout': 0.3, 'drop_path': 0.1, 'unlabeled_ratio': 3}
     assert (tmp_path / 'student' / 'model' / 'model.safetensors').is_file()
+    assert metrics['head'] == 'loaded'  # the teacher's classifier, same classes
 
 
 def test_the_student_budget_does_not_follow_the_kept_rows(digits, teacher, tmp_path):

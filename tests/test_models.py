@@ -275,3 +275,33 @@ def test_cropping_leaves_the_convs_it_cannot_crop_exactly_alone():
         x = torch.randn(*shape, dtype=torch.float64)
         ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, 1, 2, 1, 8)
         assert torch.allclose(conv(x), ref, rtol=1e-12, atol=1e-12), shape
+
+
+def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept(tmp_path):
+    from timm_noisystudent.models import zero_new_head
+    torch.manual_seed(0)
+    scratch = load_model('test_efficientnet', pretrained=False, num_classes=10)
+    assert scratch.get_classifier().weight.abs().max() > 0.1  # timm's init: U(+-1/sqrt(10))
+    assert zero_new_head(scratch, 'test_efficientnet', pretrained=False)
+    head = scratch.get_classifier()
+    assert head.weight.abs().max() == 0 and head.bias.abs().max() == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(scratch.eval()(x), torch.zeros(2, 10))  # every class starts at 1/C
+
+    trained = load_model('test_efficientnet', pretrained=False, num_classes=10)
+    save_model(trained, tmp_path / 'm')
+    weights = trained.get_classifier().weight.clone()
+    # the same classes: the directory's head is loaded and kept, as is a checkpoint's
+    same = load_model(str(tmp_path / 'm'), num_classes=10)
+    assert not zero_new_head(same, str(tmp_path / 'm'), pretrained=False)
+    assert torch.equal(same.get_classifier().weight, weights)
+    warm = load_model('test_efficientnet', pretrained=False, num_classes=10,
+                      checkpoint=tmp_path / 'm' / 'model.safetensors')
+    assert not zero_new_head(warm, 'test_efficientnet', pretrained=False, checkpoint=tmp_path / 'm' / 'model.safetensors')
+    assert torch.equal(warm.get_classifier().weight, weights)
+    # another class count: the backbone is loaded, the head is new and starts at zero
+    other = load_model(str(tmp_path / 'm'), num_classes=3)
+    assert zero_new_head(other, str(tmp_path / 'm'), pretrained=False)
+    assert other.get_classifier().weight.abs().max() == 0
+    assert torch.equal(other.conv_stem.weight, trained.conv_stem.weight)

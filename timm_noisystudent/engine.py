@@ -41,7 +41,7 @@ from .runtime import (
 )
 from .models import (
     crop_small_map_depthwise, data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model,
-    small_input_warning, small_map_depthwise_pays,
+    small_input_warning, small_map_depthwise_pays, zero_new_head,
 )
 
 # the student noise at 64 px and below when neither the config nor the variant's recipe names one:
@@ -356,6 +356,8 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     model = load_model(spec.model, pretrained=spec.pretrained and checkpoint is None, num_classes=num_classes,
                        drop_rate=spec.dropout, drop_path_rate=spec.drop_path, allow_pickle=allow_pickle,
                        checkpoint=checkpoint)
+    # a head no weights were loaded into starts at zero (see models.zero_new_head)
+    new_head = zero_new_head(model, spec.model, spec.pretrained, checkpoint)
     if spec.lr is None:
         spec = replace(spec, lr=small_data_lr(getattr(model, 'num_features', SMALL_DATA_LR_FEATURES)))
     label_names = label_names or model_label_names(model)
@@ -406,6 +408,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
                        'unlabeled_ratio': spec.unlabeled_ratio} if student else None,
              'ema_decay': run.ema_decay, 'lr': spec.lr, 'batch_size': spec.batch_size, 'cropped_depthwise': cropped,
+             'head': 'zeros' if new_head else 'loaded',
              'eval': source_record(eval_data)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

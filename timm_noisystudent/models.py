@@ -28,7 +28,7 @@ __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
     'data_config_of', 'count_params', 'architecture_of', 'final_feature_size', 'small_input_warning', 'predict',
     'open_image', 'load_weights', 'read_state_dict', 'is_model_dir', 'crop_small_map_depthwise',
-    'small_map_depthwise_pays',
+    'small_map_depthwise_pays', 'zero_new_head',
 ]
 
 
@@ -360,6 +360,32 @@ def load_model(
     if checkpoint is not None:
         load_weights(model, checkpoint, allow_pickle=allow_pickle)
     return model
+
+
+def zero_new_head(model: torch.nn.Module, spec: Union[str, os.PathLike], pretrained: bool,
+                  checkpoint: Optional[Union[str, os.PathLike]] = None) -> bool:
+    """Zero the classifier when no weights were loaded into it; returns whether it did.
+
+    A head is new when the model starts from scratch, or when its pretrained weights (timm's, a Hub
+    id's, a directory's) come with another class count. timm's EfficientNet init draws a C-class head
+    from U(+-1/sqrt(C)), so a 10-class head starts with logits of std 4-6 and a first loss near 6
+    (ln 10 is 2.3); B0 then spends its first few hundred steps undoing it. A zero head starts every
+    class at 1/C and the backbone learns from the second step (measured, see the README).
+    """
+    if checkpoint is not None:
+        return False
+    spec = os.fspath(spec)
+    from_source = pretrained or spec.startswith(('hf-hub:', 'local-dir:')) or is_model_dir(Path(spec).expanduser())
+    if from_source and model.pretrained_cfg.get('num_classes') == getattr(model, 'num_classes', None):
+        return False
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if not isinstance(head, (torch.nn.Linear, torch.nn.Conv2d)):
+        return False
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+    return True
 
 
 def read_state_dict(path: Union[str, os.PathLike], allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
