@@ -448,7 +448,8 @@ def test_fsdp_on_cpu_is_one_line_from_one_process(data_root, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(ACCELERATE_USE_CPU='1'), timeout=300)
     assert proc.returncode != 0
     ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith('error:')]
-    assert len(ours) == 1 and 'FSDP shards a model over accelerators' in ours[0] and '--multi_gpu' in ours[0]
+    assert len(ours) == 1 and 'FSDP shards a model over accelerators' in ours[0] and '--multi_gpu' in ours[0], \
+        proc.stderr[-3000:]
     assert 'RuntimeError' not in proc.stderr
 
 

@@ -199,16 +199,14 @@ def make_accelerator(mixed_precision: str = 'no', seed: int = 0, **kwargs) -> Ac
     """
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    process_state()
+    state = process_state()
+    # Checked here, not read from Accelerate's exception: its wording differs between releases.
+    if parse_flag_from_env('ACCELERATE_USE_FSDP') and state.device.type == 'cpu':
+        raise UserError('FSDP shards a model over accelerators (CUDA, XPU, NPU, ...) and this machine has '
+                        'none; on CPU launch without --use_fsdp, e.g. ACCELERATE_USE_CPU=1 accelerate launch '
+                        '--multi_gpu --num_processes 2 ...')
     config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
-    try:
-        accelerator = Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
-    except RuntimeError as e:
-        if parse_flag_from_env('ACCELERATE_USE_FSDP') and 'no available devices' in str(e):
-            raise UserError('FSDP shards a model over accelerators (CUDA, XPU, NPU, ...) and this machine has '
-                            'none; on CPU launch without --use_fsdp, e.g. ACCELERATE_USE_CPU=1 accelerate launch '
-                            '--multi_gpu --num_processes 2 ...') from None
-        raise
+    accelerator = Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
     if accelerator.device.type == 'cpu':
         keep_freed_memory()
     return accelerator
