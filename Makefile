@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-PIP     = $(BIN)/python -m pip install -c constraints.txt
+# --no-compile: a module is compiled when first imported, not the whole of torch at install time
+PIP     = $(BIN)/python -m pip install --no-compile -c constraints.txt
 
 .PHONY: demo test install clean
 
@@ -13,8 +14,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) -r constraints.txt
-	$(PIP) -e .
+	$(PIP) -r constraints.txt -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
