@@ -4,8 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# --no-compile: a module is compiled when first imported, not the whole of torch at install time
-PIP     = $(BIN)/python -m pip install --no-compile -c constraints.txt
+PIP     = $(BIN)/python -m pip install -c constraints.txt
 
 .PHONY: demo test install clean
 
