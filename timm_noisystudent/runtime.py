@@ -202,9 +202,9 @@ def make_accelerator(mixed_precision: str = 'no', seed: int = 0, **kwargs) -> Ac
     state = process_state()
     # Checked here, not read from Accelerate's exception: its wording differs between releases.
     if parse_flag_from_env('ACCELERATE_USE_FSDP') and state.device.type == 'cpu':
-        raise UserError('FSDP shards a model over accelerators (CUDA, XPU, NPU, ...) and this machine has '
-                        'none; on CPU launch without --use_fsdp, e.g. ACCELERATE_USE_CPU=1 accelerate launch '
-                        '--multi_gpu --num_processes 2 ...')
+        raise UserError('FSDP shards a model over accelerators (CUDA, XPU, NPU, ...) and this run has none '
+                        '(the machine has no accelerator, or ACCELERATE_USE_CPU is set); on CPU launch without '
+                        '--use_fsdp, e.g. ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...')
     config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     accelerator = Accelerator(mixed_precision=mixed_precision, dataloader_config=config, **kwargs)
     if accelerator.device.type == 'cpu':
