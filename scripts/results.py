@@ -1,7 +1,7 @@
 """Reproduce the README's results tables: the loop with its defaults on the dev tasks, against a
 same-budget supervised baseline.
 
-    python scripts/results.py                          # every task, both models
+    python scripts/results.py                          # every task but cifar10-1k-7k, every model
     python scripts/results.py --tasks digits --models test_efficientnet
     python scripts/results.py --out results/ -- labels.threshold=0.5   # overrides for the loop
 
