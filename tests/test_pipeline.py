@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import timm
 import yaml
 
 import timm_noisystudent
@@ -227,5 +228,4 @@ def test_demo_config_is_a_valid_run(tmp_path):
     cfg = demo_config(tmp_path / 'data', tmp_path / 'out')
     assert stage_names(cfg) == STAGES
     assert cfg.teacher.image_size == 32 and all(s.model == cfg.teacher.model for s in cfg.students)
-    import timm
     assert timm.is_model(cfg.teacher.model)  # a real timm architecture, created without weights
