@@ -203,8 +203,11 @@ def test_the_small_data_lr_follows_the_models_width():
     import timm
     from timm_noisystudent.config import small_data_lr
     from timm_noisystudent.engine import resolve_stage
-    width = {name: timm.create_model(name, num_classes=10).num_features
-             for name in ('test_efficientnet', 'tf_efficientnet_b0', 'resnet50')}
+    from timm_noisystudent.models import classifier_width
+    width = {name: classifier_width(timm.create_model(name, num_classes=10))
+             for name in ('test_efficientnet', 'tf_efficientnet_b0', 'resnet50', 'lcnet_050')}
+    # lcnet pools 256 features and widens them to 1,280 before the classifier: B0's width, B0's lr
+    assert timm.create_model('lcnet_050').num_features == 256 and small_data_lr(width['lcnet_050']) == 3e-3
     # the two widths measured on the dev tasks, then wider models lower
     assert small_data_lr(width['test_efficientnet']) == 6e-3 and small_data_lr(width['tf_efficientnet_b0']) == 3e-3
     assert small_data_lr(1) == 6e-3 and 1e-3 < small_data_lr(width['resnet50']) < 3e-3

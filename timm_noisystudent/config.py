@@ -48,8 +48,9 @@ PRESETS = {  # the optimizer recipe of each train.preset; lr None: small_data_lr
     'paper': dict(opt='rmsproptf', lr=0.016, weight_decay=1e-5, sched='step', warmup_epochs=5.0,
                   min_lr=0.0, momentum=0.9, decay_epochs=2.4, decay_rate=0.97),
 }
-# small-data's peak lr falls with the square root of the model's width (timm's num_features), up to a
-# cap. Measured on the dev tasks (see the README): tf_efficientnet_b0 (1280 features) trains best at
+# small-data's peak lr falls with the square root of the model's width (the classifier's input:
+# timm's head_hidden_size where a model has a head conv after pooling, as lcnet and MobileNetV3 do,
+# else num_features), up to a cap. Measured on the dev tasks (see the README): tf_efficientnet_b0 (1280 features) trains best at
 # 3e-3 (digits teacher 90.0 against 83.5 at 6e-3, and steadier on CIFAR-10), test_efficientnet (256)
 # at 6e-3 (cifar10-4k: the loop 63.96 against 60.46 at 3e-3)
 SMALL_DATA_LR = 3e-3  # at SMALL_DATA_LR_FEATURES
@@ -58,7 +59,7 @@ SMALL_DATA_LR_MAX = 6e-3
 
 
 def small_data_lr(num_features: int) -> float:
-    """The small-data preset's peak AdamW lr for a model with ``num_features`` pooled features."""
+    """The small-data preset's peak AdamW lr for a model whose classifier reads ``num_features``."""
     scaled = SMALL_DATA_LR * math.sqrt(SMALL_DATA_LR_FEATURES / max(int(num_features), 1))
     return float(f'{min(SMALL_DATA_LR_MAX, scaled):.3g}')
 
@@ -231,7 +232,7 @@ def lr_note(cfg: RunConfig) -> str:
     if all(s.lr is not None for s in stages):
         return ''
     return (f'# lr: null -> small-data picks each model\'s from its width: {SMALL_DATA_LR:g} x '
-            f'sqrt({SMALL_DATA_LR_FEATURES} / num_features), at most {SMALL_DATA_LR_MAX:g}\n')
+            f'sqrt({SMALL_DATA_LR_FEATURES} / width), at most {SMALL_DATA_LR_MAX:g}; width: the classifier\'s input\n')
 
 
 # --- value rules: checked after the type, skipped for None --------------------------------------

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import augment
 from .config import (DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError,
-                     SMALL_DATA_LR_FEATURES, small_data_lr)
+                     small_data_lr)
 from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
 from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
@@ -40,7 +40,8 @@ from .runtime import (
     resolve_precision, torch_threads,
 )
 from .models import (
-    crop_small_map_depthwise, data_config_of, label_names_of as model_label_names, load_model, ns_recipe, save_model,
+    classifier_width, crop_small_map_depthwise, data_config_of, label_names_of as model_label_names, load_model,
+    ns_recipe, save_model,
     small_input_warning, small_map_depthwise_pays, zero_new_head,
 )
 
@@ -359,7 +360,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     # a head no weights were loaded into starts at zero (see models.zero_new_head)
     new_head = zero_new_head(model, spec.model, spec.pretrained, checkpoint)
     if spec.lr is None:
-        spec = replace(spec, lr=small_data_lr(getattr(model, 'num_features', SMALL_DATA_LR_FEATURES)))
+        spec = replace(spec, lr=small_data_lr(classifier_width(model)))
     label_names = label_names or model_label_names(model)
     data_config = data_config_of(model, spec.image_size)
     small = small_input_warning(model, spec.model, data_config['input_size'][-1])

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
-from .config import UserError
+from .config import SMALL_DATA_LR_FEATURES, UserError
 from .files import fsync_file, replace_dir
 from .rundir import PICKLE_FILES, TIMM_PICKLES, is_model_dir
 
@@ -360,6 +360,16 @@ def load_model(
     if checkpoint is not None:
         load_weights(model, checkpoint, allow_pickle=allow_pickle)
     return model
+
+
+def classifier_width(model: torch.nn.Module) -> int:
+    """The width the classifier reads: timm's ``head_hidden_size`` where a head conv follows the pooling
+    (lcnet, MobileNetV3: 256 or 576 pooled features widened to 1,280 or 1,024), else ``num_features``."""
+    for name in ('head_hidden_size', 'num_features'):
+        width = getattr(model, name, None)
+        if isinstance(width, int) and width > 0:
+            return width
+    return SMALL_DATA_LR_FEATURES
 
 
 def zero_new_head(model: torch.nn.Module, spec: Union[str, os.PathLike], pretrained: bool,
