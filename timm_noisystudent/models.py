@@ -364,7 +364,7 @@ def load_model(
 
 def classifier_width(model: torch.nn.Module) -> int:
     """The width the classifier reads: timm's ``head_hidden_size`` where a head conv follows the pooling
-    (lcnet, MobileNetV3: 256 or 576 pooled features widened to 1,280 or 1,024), else ``num_features``."""
+    (lcnet, MobileNetV3: lcnet_050 pools 256 features and widens them to 1,280), else ``num_features``."""
     for name in ('head_hidden_size', 'num_features'):
         width = getattr(model, name, None)
         if isinstance(width, int) and width > 0:
