@@ -472,6 +472,12 @@ def test_a_class_short_of_its_share_keeps_its_most_confident_rows():
     strict, strict_stats = select((labels, conf), 2, threshold=0.3, per_class='auto', fill=False)
     assert strict.tolist() == [0, 0, 0] and strict_stats['empty_classes'] == [1]
     assert any('no pseudo-labeled image was kept for dog' in n for n in selection_notes(strict_stats, ['cat', 'dog']))
+    # one class short of its share: the note speaks of one class
+    one, one_stats = select((labels, np.where(labels == 0, 0.9, conf).astype(np.float32)), 2, threshold=0.3,
+                            per_class='auto')
+    assert one_stats['filled_classes'] == [1]
+    assert '; 1 class short of N=6 was filled with its most confident rows below it (6 rows): dog.' in \
+        selection_notes(one_stats, ['cat', 'dog'])[0]
 
 
 def test_each_row_gets_the_extra_copy_with_probability_n_mod_n_over_n():
