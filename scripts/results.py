@@ -14,6 +14,7 @@ the labels of its unlabeled slice only score the pseudo labels):
 - cifar10-1k-small: train[:1000] labeled, train[4000:6000] unlabeled, train[45000:47000] eval
   (a slice that tf_efficientnet_b0 can run on a 2-core CPU);
 - cifar10-4k-small: train[:4000] labeled, train[4000:7000] unlabeled, train[45000:47000] eval;
+- cifar10-4k-12k: train[:4000] labeled, train[4000:16000] unlabeled, train[45000:47000] eval;
 - cifar10-1k-7k: train[:1000] labeled, train[4000:11000] unlabeled, train[45000:47000] eval.
 
 Each run names only the data, the model and image_size (32); every other key is a default. The
@@ -41,6 +42,9 @@ TASKS = {
     'cifar10-1k-small': {'labeled': 'train[:1000]', 'unlabeled': 'train[4000:6000]', 'eval': 'train[45000:47000]'},
     # 4,000 labeled, 3,000 unlabeled, 2,000 eval: cifar10-4k with a smaller unlabeled set (README)
     'cifar10-4k-small': {'labeled': 'train[:4000]', 'unlabeled': 'train[4000:7000]', 'eval': 'train[45000:47000]'},
+    # 4,000 labeled, 12,000 unlabeled, 2,000 eval: about as many unlabeled images as 63 student steps
+    # an epoch take at unlabeled_ratio 3 (12,096), so a student costs what cifar10-4k-small's does (README)
+    'cifar10-4k-12k': {'labeled': 'train[:4000]', 'unlabeled': 'train[4000:16000]', 'eval': 'train[45000:47000]'},
     # 1,000 labeled, 7,000 unlabeled, 2,000 eval, as in the collapse report (README); with -- teacher.epochs=40
     'cifar10-1k-7k': {'labeled': 'train[:1000]', 'unlabeled': 'train[4000:11000]', 'eval': 'train[45000:47000]'},
 }
