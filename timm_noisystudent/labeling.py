@@ -191,9 +191,6 @@ def selection_notes(sel: Dict[str, Any], label_names: Sequence[str] = ()) -> Lis
         shown = [str(label_names[c]) if c < len(label_names) else str(c) for c in classes[:10]]
         return ', '.join(shown) + (f' and {len(classes) - 10} more' if len(classes) > 10 else '')
 
-    def one_or_many(n, one, many):
-        return f'{n} {one if n == 1 else many}'
-
     notes = []
     labeled, kept, after = sel['rows_labeled'], sel['rows_before'], sel['rows_after']
     if not labeled:
@@ -206,11 +203,11 @@ def selection_notes(sel: Dict[str, Any], label_names: Sequence[str] = ()) -> Lis
                          'and balancing is off (per_class: none); lower the threshold or use a stronger teacher.')
         return notes
     if sel['filled_classes']:
+        filled = len(sel['filled_classes'])
+        noun, verb, own = ('class', 'was', 'its') if filled == 1 else ('classes', 'were', 'their')
         notes.append(f'the threshold {sel["threshold"]:g} kept {kept} of {labeled} images ({share}); '
-                     f'{one_or_many(len(sel["filled_classes"]), "class", "classes")} short of N={target} '
-                     f'{"was" if len(sel["filled_classes"]) == 1 else "were"} filled with '
-                     f'{"its" if len(sel["filled_classes"]) == 1 else "their"} most confident rows below it '
-                     f'({sel["rows_below_threshold"]} rows): {names(sel["filled_classes"])}.')
+                     f'{filled} {noun} short of N={target} {verb} filled with {own} most confident rows below '
+                     f'it ({sel["rows_below_threshold"]} rows): {names(sel["filled_classes"])}.')
     elif kept * 2 < labeled:
         notes.append(f'the threshold {sel["threshold"]:g} kept {kept} of {labeled} images ({share}); '
                      f'{after} after balancing to N={target}.')
