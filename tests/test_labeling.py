@@ -478,6 +478,14 @@ def test_a_class_short_of_its_share_keeps_its_most_confident_rows():
     assert one_stats['filled_classes'] == [1]
     assert '; 1 class short of N=6 was filled with its most confident rows below it (6 rows): dog.' in \
         selection_notes(one_stats, ['cat', 'dog'])[0]
+    # one row below the threshold and one duplicate: each note speaks of one row
+    few, few_stats = select((np.array([0, 0, 0, 1, 1, 1, 2, 2]), np.array([.9, .9, .9, .9, .9, .1, .9, .9], np.float32)),
+                            3, threshold=0.3, per_class=3)
+    assert few.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 7]
+    assert selection_notes(few_stats, ['a', 'b', 'c']) == [
+        'the threshold 0.3 kept 7 of 8 images (87.5%); 1 class short of N=3 was filled with its most confident rows '
+        'below it (1 row): b.',
+        '1 selected row is a duplicate of classes with fewer than N=3 images in all.']
 
 
 def test_each_row_gets_the_extra_copy_with_probability_n_mod_n_over_n():

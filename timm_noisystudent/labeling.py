@@ -205,15 +205,17 @@ def selection_notes(sel: Dict[str, Any], label_names: Sequence[str] = ()) -> Lis
     if sel['filled_classes']:
         filled = len(sel['filled_classes'])
         noun, verb, own = ('class', 'was', 'its') if filled == 1 else ('classes', 'were', 'their')
+        below = sel['rows_below_threshold']
         notes.append(f'the threshold {sel["threshold"]:g} kept {kept} of {labeled} images ({share}); '
                      f'{filled} {noun} short of N={target} {verb} filled with {own} most confident rows below '
-                     f'it ({sel["rows_below_threshold"]} rows): {names(sel["filled_classes"])}.')
+                     f'it ({below} {"row" if below == 1 else "rows"}): {names(sel["filled_classes"])}.')
     elif kept * 2 < labeled:
         notes.append(f'the threshold {sel["threshold"]:g} kept {kept} of {labeled} images ({share}); '
                      f'{after} after balancing to N={target}.')
     if sel['duplicated']:
-        notes.append(f'{sel["duplicated"]} selected rows are duplicates of classes with fewer than N={target} '
-                     'images in all.')
+        dup = sel['duplicated']
+        notes.append(f'{dup} selected {"row is a duplicate" if dup == 1 else "rows are duplicates"} of classes '
+                     f'with fewer than N={target} images in all.')
     if sel['empty_classes']:
         notes.append(f'no pseudo-labeled image was kept for {names(sel["empty_classes"])}; '
                      'the student sees those classes only in the labeled data.')
