@@ -48,7 +48,7 @@ TASKS = {
     # 1,000 labeled, 7,000 unlabeled, 2,000 eval, as in the collapse report (README); with -- teacher.epochs=40
     'cifar10-1k-7k': {'labeled': 'train[:1000]', 'unlabeled': 'train[4000:11000]', 'eval': 'train[45000:47000]'},
 }
-MODELS = ('test_efficientnet', 'lcnet_050', 'tf_efficientnet_b0')
+MODELS = ('test_efficientnet', 'lcnet_050', 'tinynet_e', 'tf_efficientnet_b0')
 
 
 def _data(task: str, work: Path, cifar: Path):
