@@ -11,12 +11,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
 from digits import digits_arrays, split_indices, write_image_folder, write_parquet
 from timm_noisystudent.config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
-from timm_noisystudent.data import decode_image, load_source
+from timm_noisystudent.data import decode_image, load_source, pseudo_batch_size
 from timm_noisystudent.engine import evaluate_model, train
 
 MODEL = 'test_efficientnet'
@@ -116,12 +118,15 @@ def test_student_trains_on_mixed_batches(digits, teacher, tmp_path):
                     tmp_path / 'student', pseudo=pseudo, unlabeled=digits['unlabeled'],
                     train_cfg=_cfg(batch_size=8, unlabeled_ratio=3),
                     noise=NoiseConfig(randaugment='tf-m9-n2', dropout=0.3, drop_path=0.1), progress=False)
-    # 200 pseudo rows in batches of 24 would be 8 steps; the epoch passes over the longer stream,
-    # the 300 labeled images in batches of 8, so it has 38 steps, each with 8 labeled images too
-    assert metrics['step'] == math.ceil(300 / 8) == 38
-    assert metrics['images_seen'] == metrics['step'] * (8 + 24)
+    # 200 pseudo rows are fewer than 3 per labeled row, so a step takes their share, 8 x 200/300 = 5
+    # (at 24 a step each pseudo row would be seen 4.6 times an epoch, each labeled one once). The
+    # epoch passes over the longer stream: the 200 pseudo rows at 5 a step (40), not the 300 labeled
+    # images at 8 (38)
+    assert metrics['step'] == max(200 // 5, math.ceil(300 / 8)) == 40
+    assert metrics['images_seen'] == metrics['step'] * (8 + 5)
     assert metrics['pseudo_images'] == 200
-    assert metrics['noise'] == {'randaugment': 'tf-m9-n2', 'dropout': 0.3, 'drop_path': 0.1, 'unlabeled_ratio': 3}
+    assert metrics['noise'] == {'randaugment': 'tf-m9-n2', 'dropout': 0.3, 'drop_path': 0.1, 'unlabeled_ratio': 3,
+                                'pseudo_batch_size': 5}
     assert (tmp_path / 'student' / 'model' / 'model.safetensors').is_file()
     assert metrics['head'] == 'loaded'  # the teacher's classifier, same classes
 
@@ -140,6 +145,21 @@ def test_the_student_budget_does_not_follow_the_kept_rows(digits, teacher, tmp_p
     assert steps[5] / 2 >= teacher[1]['step'] / 6
 
 
+@settings(max_examples=300, deadline=None)
+@given(batch=st.integers(1, 512), ratio=st.integers(1, 30), pseudo=st.integers(0, 10**7),
+       labeled=st.integers(1, 10**6))
+def test_a_pseudo_row_is_not_seen_more_often_than_a_labeled_row(batch, ratio, pseudo, labeled):
+    n = pseudo_batch_size(batch, ratio, pseudo, labeled)
+    assert 1 <= n <= batch * ratio
+    if pseudo >= labeled * ratio or pseudo == 0:
+        assert n == batch * ratio  # enough pseudo rows (the usual case): the ratio as set
+    else:
+        # per step, a pseudo row's share of its stream is at most a labeled row's, up to rounding
+        # to whole images (and at least one pseudo image a step)
+        assert n / pseudo <= batch / labeled + 0.5 / pseudo or n == 1
+        assert n >= min(batch * ratio, round(batch * pseudo / labeled))
+
+
 def test_min_steps_repeats_short_epochs(digits, tmp_path):
     with pytest.warns(UserWarning, match='32 px inputs end in a 1x1 feature map'):
         metrics = train(ModelStage(model=MODEL, epochs=1, image_size=32), digits['labeled'], tmp_path / 'out',
@@ -150,13 +170,15 @@ def test_min_steps_repeats_short_epochs(digits, tmp_path):
 
 
 def test_a_students_minimum_counts_its_images_not_its_steps(digits, tmp_path):
-    # a student step of 16 labeled + 3 x 16 pseudo-labeled images counts 4 batches of 16, so
-    # min_steps 480 asks for 120 steps (480 x 16 images, what a teacher at min_steps 480 sees), not 480
+    # a student step of 16 labeled + 11 pseudo-labeled images (200 pseudo rows beside 300 labeled:
+    # 16 x 200/300) counts 27/16 batches of 16, so min_steps 480 asks for ceil(480 x 16 / 27) = 285
+    # steps (480 x 16 images, what a teacher at min_steps 480 sees), not 480
     metrics = train(ModelStage(model=MODEL, epochs=1, image_size=32), digits['labeled'], tmp_path / 'student',
                     pseudo=_pseudo_dir(tmp_path / 'labels', 200), unlabeled=digits['unlabeled'],
                     train_cfg=_cfg(batch_size=16, unlabeled_ratio=3, min_steps=480), progress=False)
-    # one epoch is ceil(300 / 16) = 19 steps, so 120 steps take 7 epochs
-    assert metrics['step'] == 7 * 19 and metrics['images_seen'] == 7 * 19 * 64
+    # one epoch is ceil(300 / 16) = 19 steps, so 285 steps take 15 epochs
+    assert metrics['noise']['pseudo_batch_size'] == 11
+    assert metrics['step'] == 15 * 19 and metrics['images_seen'] == 15 * 19 * 27
     assert metrics['images_seen'] >= 480 * 16
 
 

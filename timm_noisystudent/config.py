@@ -221,7 +221,9 @@ def epochs_note(cfg: RunConfig) -> str:
             '# the pseudo-labeled images at unlabeled_ratio x batch_size a step. So a student trains at least as\n'
             '# many steps as a teacher with the same epochs, however few rows selection keeps. Every teacher\n'
             f'# and student stage sees at least train.min_steps ({cfg.train.min_steps}) batches of batch_size images\n'
-            '# (a student step counts 1 + unlabeled_ratio): short epochs repeat.\n'
+            '# (a student step counts 1 + unlabeled_ratio): short epochs repeat. With fewer pseudo-labeled rows\n'
+            '# than unlabeled_ratio per labeled row, a step takes their share (batch_size x pseudo / labeled),\n'
+            '# so a pseudo-labeled row is not seen more often than a labeled one.\n'
             f'# resolved epochs: {resolved}')
 
 

@@ -407,7 +407,9 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
              'pseudo_images': rows.pseudo_rows, 'model': spec.model, 'num_classes': num_classes,
              'image_size': data_config['input_size'][-1],
              'noise': {'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path,
-                       'unlabeled_ratio': spec.unlabeled_ratio} if student else None,
+                       'unlabeled_ratio': spec.unlabeled_ratio,
+                       # fewer pseudo rows than ratio x labeled rows shrink the pseudo share (data.pseudo_batch_size)
+                       'pseudo_batch_size': rows.main_batch} if student else None,
              'ema_decay': run.ema_decay, 'lr': spec.lr, 'batch_size': spec.batch_size, 'cropped_depthwise': cropped,
              'head': 'zeros' if new_head else 'loaded',
              'eval': source_record(eval_data)}
@@ -450,6 +452,8 @@ class _Run:
         self.main_loader, self.side_loader, self.eval_loader = main_loader, side_loader, eval_loader
         self.spec, self.cfg, self.hard, self.num_classes = spec, train_cfg, rows.hard, num_classes
         self.normalize = rows.normalize
+        # the pseudo-labeled mean weighs as many labeled means as there are pseudo images per labeled one
+        self.pseudo_weight = rows.main_batch / rows.side_batch if rows.side_batch else 0.0
         self.output, self.progress, self.ckpt_root = output, progress, output / 'checkpoints'
         self.steps_per_epoch = len(main_loader)
         updates_per_epoch = math.ceil(self.steps_per_epoch / train_cfg.grad_accum_steps)
@@ -523,7 +527,7 @@ class _Run:
             target = y.to(accelerator.device)
             u = (F.cross_entropy(logits[n_lab:], target, label_smoothing=cfg.label_smoothing)
                  if self.hard else self.soft_ce(logits[n_lab:], target))
-            loss = loss + self.spec.unlabeled_ratio * u
+            loss = loss + self.pseudo_weight * u
         return loss, x.shape[0]
 
     def loop(self, num_workers: int) -> None:
