@@ -48,7 +48,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _metrics(top1: float, student: bool) -> dict:
-    noise = {'randaugment': 'tf-m6-n2', 'dropout': 0.3, 'drop_path': 0.2, 'unlabeled_ratio': 3} if student else None
+    noise = {'randaugment': 'tf-m6-n2', 'dropout': 0.3, 'drop_path': 0.2, 'unlabeled_ratio': 3,
+             'pseudo_batch_size': 48} if student else None
     return {'top1': top1, 'top5': 99.0, 'loss': 0.5, 'epoch': 1, 'step': 3, 'images_seen': 48, 'seconds': 1.0,
             'img_per_s': 48.0, 'labeled_images': 30, 'pseudo_images': 40 if student else 0,
             'model': 'test_efficientnet', 'num_classes': 3, 'image_size': 32, 'noise': noise,
@@ -196,6 +197,17 @@ def test_export_of_a_run_is_its_final_student_with_lineage_and_pseudo_label_stat
                 '| dog | 1 | 2 |', '| labels | soft, T = 1 |'):
         assert row in text, row
     assert str(tmp_path) not in card.content, 'local paths stay off the card'
+
+
+def test_a_card_gives_the_pseudo_share_a_student_took_not_only_the_configured_ratio(run_dir, tmp_path):
+    # 6 pseudo-labeled rows beside 30 labeled ones: a step took 12 beside 16 (data.pseudo_batch_size)
+    metrics_path = run_dir / 'iter1-student' / 'metrics.json'
+    metrics = json.loads(metrics_path.read_text())
+    metrics['noise']['pseudo_batch_size'] = 12
+    metrics_path.write_text(json.dumps(metrics))
+    text = ModelCard.load(export(run_dir, tmp_path / 'export') / 'README.md').text
+    assert ('| unlabeled:labeled images per batch | 0.75 (12 pseudo-labeled beside 16 labeled a step: '
+            'fewer pseudo-labeled rows than 3 per labeled row) |') in text
 
 
 def test_export_accepts_stage_dirs_model_dirs_and_final(run_dir, tmp_path):

@@ -271,6 +271,17 @@ def _lineage(source: ModelSource, metrics: Dict[str, Any]) -> List[Dict[str, str
     return rows
 
 
+def _pseudo_share(noise: Dict[str, Any], batch_size: Any) -> str:
+    """The pseudo-labeled images a student step took per labeled one: the configured ratio, or the
+    smaller share that data.pseudo_batch_size gave when selection kept fewer rows than that."""
+    ratio, side = noise.get('unlabeled_ratio'), noise.get('pseudo_batch_size')
+    if not isinstance(side, int) or not isinstance(batch_size, int) or not isinstance(ratio, int) \
+            or batch_size <= 0 or side == ratio * batch_size:
+        return _fmt_g(ratio)
+    return (f'{side / batch_size:.3g} ({side} pseudo-labeled beside {batch_size} labeled a step: '
+            f'fewer pseudo-labeled rows than {ratio} per labeled row)')
+
+
 def _settings(metrics: Dict[str, Any], run_cfg: Dict[str, Any]) -> List[Tuple[str, str]]:
     rows = []
     noise = metrics.get('noise')
@@ -278,7 +289,7 @@ def _settings(metrics: Dict[str, Any], run_cfg: Dict[str, Any]) -> List[Tuple[st
         rows += [('input noise (RandAugment)', noise.get('randaugment') or 'none'),
                  ('dropout', _fmt_g(noise.get('dropout'))),
                  ('stochastic depth', _fmt_g(noise.get('drop_path'))),
-                 ('unlabeled:labeled images per batch', _fmt_g(noise.get('unlabeled_ratio')))]
+                 ('unlabeled:labeled images per batch', _pseudo_share(noise, metrics.get('batch_size')))]
     elif metrics:
         rows.append(('noise', 'none (a teacher learns from labeled images with crop and flip only)'))
     for key, name in (('image_size', 'image size'), ('batch_size', 'labeled batch size'), ('lr', 'learning rate'),
