@@ -275,8 +275,7 @@ def _pseudo_share(noise: Dict[str, Any], batch_size: Any) -> str:
     """The pseudo-labeled images a student step took per labeled one: the configured ratio, or the
     smaller share that data.pseudo_batch_size gave when selection kept fewer rows than that."""
     ratio, side = noise.get('unlabeled_ratio'), noise.get('pseudo_batch_size')
-    if not isinstance(side, int) or not isinstance(batch_size, int) or not isinstance(ratio, int) \
-            or batch_size <= 0 or side == ratio * batch_size:
+    if side is None or ratio is None or not batch_size or side == ratio * batch_size:
         return _fmt_g(ratio)
     return (f'{side / batch_size:.3g} ({side} pseudo-labeled beside {batch_size} labeled a step: '
             f'fewer pseudo-labeled rows than {ratio} per labeled row)')
