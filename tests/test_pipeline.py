@@ -117,6 +117,18 @@ def test_a_student_below_its_teacher_is_flagged_and_best_or_last_decides_what_fo
     assert 'iter1-student' in last['flags'][0] and 'iterate_from: last' in last['flags'][0]
 
 
+def test_an_unlabeled_set_smaller_than_the_labeled_one_is_noted(finished, data_root, tmp_path):
+    cfg = _config(data_root, tmp_path / 'run')
+    cfg['unlabeled']['split'] = 'train[:30]'  # 30 unlabeled images beside 50 labeled ones
+    cfg['students'] = cfg['students'][:1]
+    summary = run(cfg, progress=False, echo=False)
+    few = [n for n in summary['notes'] if 'fewer than the 50 labeled ones' in n]
+    assert len(few) == 1 and few[0].startswith('iter1-labels: the unlabeled set has 30 images')
+    assert few[0] in (tmp_path / 'run' / 'summary.md').read_text()
+    # 160 unlabeled images beside 50 labeled ones: nothing to say
+    assert not any('fewer than the' in n for n in finished[1]['notes'])
+
+
 def test_summary_table_marks_the_final_stage_and_students_below_their_teacher():
     from timm_noisystudent.pipeline import students_beat_teachers
     rows = [{'stage': 'iter0-teacher', 'model': 'a', 'teacher': None, 'top1': 80.0},
