@@ -21,6 +21,11 @@ Each run names only the data, the model and image_size (32); every other key is 
 baseline is the teacher trained alone on the labeled data for as many optimizer steps as the whole
 loop took (teacher + every student), with the teacher's other settings. Run it on a quiet machine:
 the wall times are part of the table.
+
+``--restarts`` adds a second baseline that has the loop's schedule but no unlabeled data: the
+teacher's settings, each stage warm-started from the one before and as many steps long as the
+loop's student at its place. The loop against it is what the pseudo-labeled images and the
+student's noise add; the loop against the one-schedule baseline also counts what the restarts cost.
 """
 import argparse
 import json
@@ -85,7 +90,8 @@ def _pseudo_accuracy(labels_dir: Path, truth: np.ndarray) -> float:
     return round(100.0 * float((truth[index] == label).mean()), 2)
 
 
-def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline: bool) -> dict:
+def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline: bool,
+             restarts: bool = False) -> dict:
     import datasets
     from timm_noisystudent.config import apply_overrides, config_from_dict
     from timm_noisystudent.engine import train
@@ -126,11 +132,29 @@ def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline
                         resume=True, progress=False)
         result['baseline'] = {'epochs': metrics['epochs'], 'steps': metrics['step'], 'top1': metrics['top1'],
                               'seconds': round(time.perf_counter() - t0, 1)}
+    if restarts:
+        result['restarts'] = _restarts(cfg, out, models)
     last = models[-1]['top1']
     result['teacher_error'] = round(100 - teacher['top1'], 2)
     result['last_student_error'] = round(100 - last, 2)
     result['error_ratio'] = round((100 - last) / max(100 - teacher['top1'], 1e-9), 3)
     return result
+
+
+def _restarts(cfg, out: Path, models) -> dict:
+    """The loop's schedule without unlabeled data: the teacher's settings warm-started stage by stage."""
+    from timm_noisystudent.engine import train
+
+    t0 = time.perf_counter()
+    start, top1 = out / 'loop' / models[0]['stage'] / 'model', []
+    for k, row in enumerate(models[1:], start=1):
+        d = out / f'restart{k}'
+        metrics = train(cfg.teacher, cfg.labeled, d, eval_data=cfg.eval, noise=cfg.noise, seed=cfg.seed + k,
+                        train_cfg=replace(cfg.train, min_steps=row['steps']), resume=True, progress=False,
+                        init_from=start)
+        start = d / 'model'
+        top1.append(metrics['top1'])
+    return {'top1': top1, 'seconds': round(time.perf_counter() - t0, 1)}
 
 
 def _f(value, unit='') -> str:
@@ -154,6 +178,10 @@ def markdown(results) -> str:
         if 'baseline' in r:
             b = r['baseline']
             lines.append(f"| same-budget baseline | - | {b['top1']:.2f} | {b['steps']} | - | - |")
+        if 'restarts' in r:
+            top1 = ' -> '.join(_f(t) for t in r['restarts']['top1'])
+            steps = ' + '.join(str(s['steps']) for s in r['stages'][1:] if s['steps'])  # the students'
+            lines.append(f"| the loop's restarts, no unlabeled data | iter0-teacher | {top1} | {steps} | - | - |")
         lines.append('')
         verdict = f"last student's error / teacher's: {r['error_ratio']:.3f}; every student beat its teacher: " + (
             'yes' if r['students_beat_teachers'] else 'no')
@@ -173,6 +201,8 @@ def main() -> None:
     p.add_argument('--work', default='runs/results', help='where the runs go')
     p.add_argument('--cifar', default=str(CIFAR), help='the CIFAR-10 parquet directory')
     p.add_argument('--no-baseline', action='store_true')
+    p.add_argument('--restarts', action='store_true',
+                   help="also train the loop's schedule without unlabeled data (teacher settings, warm restarts)")
     p.add_argument('--json', help='append each result to this JSON-lines file')
     p.add_argument('overrides', nargs='*', help='key=value overrides for the loop (after --)')
     args = p.parse_args()
@@ -180,7 +210,7 @@ def main() -> None:
     results = []
     for task in args.tasks:
         for model in args.models:
-            r = run_task(task, model, work, Path(args.cifar), args.overrides, not args.no_baseline)
+            r = run_task(task, model, work, Path(args.cifar), args.overrides, not args.no_baseline, args.restarts)
             results.append(r)
             if args.json:
                 with open(args.json, 'a') as f:
