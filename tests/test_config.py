@@ -274,6 +274,7 @@ def test_missing_required_keys(d, key):
     ({'iterate_from': 'first'}, 'iterate_from'),
     ({'train': {'student_init': 'random'}}, 'train.student_init'),
     ({'train': {'min_steps': -1}}, 'train.min_steps'),
+    ({'train': {'clip_grad': 0}}, 'train.clip_grad'),
     ({'labels': {'fill': 'yes'}}, 'labels.fill'),
 ])
 def test_bad_values(sections, key):

@@ -129,6 +129,16 @@ def test_an_unlabeled_set_smaller_than_the_labeled_one_is_noted(finished, data_r
     assert not any('fewer than the' in n for n in finished[1]['notes'])
 
 
+def test_clip_grad_is_part_of_every_stage_hash_once_set(data_root, tmp_path):
+    from timm_noisystudent.config import config_from_dict
+    from timm_noisystudent.pipeline import _stage_hashes
+    cfg = _config(data_root, tmp_path / 'run')
+    plain = _stage_hashes(config_from_dict(cfg))
+    cfg['train']['clip_grad'] = 1.0
+    clipped = _stage_hashes(config_from_dict(cfg))
+    assert plain.keys() == clipped.keys() and all(plain[k] != clipped[k] for k in plain)
+
+
 def test_summary_table_marks_the_final_stage_and_students_below_their_teacher():
     from timm_noisystudent.pipeline import students_beat_teachers
     rows = [{'stage': 'iter0-teacher', 'model': 'a', 'teacher': None, 'top1': 80.0},

@@ -87,7 +87,7 @@ def _train_settings(args):
         raise UserError(f"--config for `train` takes the sections train: and noise:, not {', '.join(sorted(unknown))}.")
     train = dict(loaded.get('train') or {})
     noise = dict(loaded.get('noise') or {})
-    for key in ('epochs', 'batch_size', 'lr', 'mixed_precision', 'preset', 'ema_decay', 'num_workers',
+    for key in ('epochs', 'batch_size', 'lr', 'mixed_precision', 'preset', 'ema_decay', 'clip_grad', 'num_workers',
                 'checkpoint_every', 'min_steps', 'max_steps', 'grad_accum_steps', 'log_with', 'unlabeled_ratio'):
         if getattr(args, key, None) is not None:
             train[key] = getattr(args, key)
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--preset', choices=list(PRESETS),
                    help='optimizer recipe: small-data (AdamW, cosine; default) or paper (RMSProp-TF, step decay)')
     p.add_argument('--ema-decay', type=float, help='EMA of the weights (default: from the run length)')
+    p.add_argument('--clip-grad', type=float, help='largest global gradient norm a step takes (default: no clipping)')
     p.add_argument('--randaugment', help="student input noise: 'none', 'rand-m9-n2-mstd0.5' or 'tf-m15-n2'")
     p.add_argument('--dropout', type=float, help='dropout before the classifier (default: the recipe, else 0.2)')
     p.add_argument('--drop-path', type=float, help='stochastic depth (default: a student\'s recipe, else 0.2; a teacher 0)')

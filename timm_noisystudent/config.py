@@ -154,6 +154,8 @@ class TrainConfig:
     mixed_precision: str = 'auto'  # 'auto' | 'bf16' | 'fp16' | 'no'
     channels_last: bool = True
     grad_accum_steps: int = 1
+    # the largest global gradient norm an optimizer step takes (torch's clip_grad_norm_); None: no clipping
+    clip_grad: Optional[float] = None
     compile: bool = False
     num_workers: Optional[int] = None
     # steps; None -> epoch ends only. An epoch end checkpoints when 100 steps passed since the last
@@ -314,6 +316,7 @@ _RULES: Dict[str, Rule] = {
     'num_workers': _at_least(0),
     'freeze_blocks': _at_least(0),
     'lr': _above(0),
+    'clip_grad': _above(0),
     'temperature': _above(0),
     'min_lr': _at_least(0),
     'weight_decay': _at_least(0),

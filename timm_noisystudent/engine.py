@@ -555,6 +555,8 @@ class _Run:
                     with accelerator.accumulate(model):
                         loss, n_images = self._loss(batch, side)
                         accelerator.backward(loss)
+                        if cfg.clip_grad and accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     if accelerator.sync_gradients:

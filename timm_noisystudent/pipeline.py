@@ -32,6 +32,8 @@ def _stage_hashes(cfg: RunConfig) -> Dict[str, str]:
     # settings that change speed or logging, never results, stay out of the hash
     train = {k: v for k, v in config_to_dict(cfg.train).items()
              if k not in ('num_workers', 'checkpoint_every', 'keep_checkpoints', 'log_with')}
+    if train.get('clip_grad') is None:  # a key added later: runs from before it keep their hashes
+        train.pop('clip_grad', None)
     common = {'labeled': config_to_dict(cfg.labeled), 'eval': config_to_dict(cfg.eval) if cfg.eval else None,
               'train': train, 'seed': cfg.seed}
     epochs = stage_epochs(cfg)
