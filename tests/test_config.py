@@ -96,6 +96,16 @@ def test_defaults():
     # the defaults that keep students above their teachers (measured: see the README's results)
     assert (cfg.iterate_from, cfg.validation, cfg.labels.fill) == ('best', None, True)
     assert (cfg.train.min_steps, cfg.train.student_init) == (1000, 'teacher')
+    assert (C.DEFAULT_EPOCHS, C.clip_grad_of(cfg.train)) == (60, 1.0)
+
+
+def test_clip_grad_resolves_from_the_preset_and_0_turns_it_off():
+    assert C.clip_grad_of(TrainConfig()) == C.PRESET_CLIP_GRAD['small-data'] == 1.0
+    assert C.clip_grad_of(TrainConfig(preset='paper')) is None
+    assert C.clip_grad_of(TrainConfig(clip_grad=0)) is None
+    assert C.clip_grad_of(TrainConfig(preset='paper', clip_grad=2.5)) == 2.5
+    assert '# clip_grad: null -> the small-data preset' in C.clip_note(config_from_dict(_with()))
+    assert C.clip_note(config_from_dict(_with(train={'clip_grad': 0}))) == ''
 
 
 def test_epochs_note_says_what_epochs_mean_for_each_stage():
@@ -130,7 +140,7 @@ def test_empty_sections_mean_defaults():
 
 def test_teacher_only_run_has_no_students():
     cfg = config_from_dict(_with(students=[]))
-    assert cfg.students == [] and stage_epochs(cfg) == [30]
+    assert cfg.students == [] and stage_epochs(cfg) == [C.DEFAULT_EPOCHS]
 
 
 def test_stage_epochs_fall_back_to_the_previous_stage():
@@ -274,7 +284,7 @@ def test_missing_required_keys(d, key):
     ({'iterate_from': 'first'}, 'iterate_from'),
     ({'train': {'student_init': 'random'}}, 'train.student_init'),
     ({'train': {'min_steps': -1}}, 'train.min_steps'),
-    ({'train': {'clip_grad': 0}}, 'train.clip_grad'),
+    ({'train': {'clip_grad': -1}}, 'train.clip_grad'),
     ({'labels': {'fill': 'yes'}}, 'labels.fill'),
 ])
 def test_bad_values(sections, key):

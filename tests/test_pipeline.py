@@ -129,14 +129,22 @@ def test_an_unlabeled_set_smaller_than_the_labeled_one_is_noted(finished, data_r
     assert not any('fewer than the' in n for n in finished[1]['notes'])
 
 
-def test_clip_grad_is_part_of_every_stage_hash_once_set(data_root, tmp_path):
+def test_the_clip_grad_a_stage_trains_with_is_part_of_every_stage_hash(data_root, tmp_path):
     from timm_noisystudent.config import config_from_dict
     from timm_noisystudent.pipeline import _stage_hashes
-    cfg = _config(data_root, tmp_path / 'run')
-    plain = _stage_hashes(config_from_dict(cfg))
-    cfg['train']['clip_grad'] = 1.0
-    clipped = _stage_hashes(config_from_dict(cfg))
-    assert plain.keys() == clipped.keys() and all(plain[k] != clipped[k] for k in plain)
+
+    def hashes(**train):
+        cfg = _config(data_root, tmp_path / 'run')
+        cfg['train'].update(train)
+        return _stage_hashes(config_from_dict(cfg))
+
+    default, unclipped, other = hashes(), hashes(clip_grad=0), hashes(clip_grad=0.5)
+    assert default.keys() == unclipped.keys() == other.keys()
+    assert all(len({default[k], unclipped[k], other[k]}) == 3 for k in default)
+    # null resolves to the preset's bound (small-data: 1.0), so it hashes as the same bound written out
+    assert hashes(clip_grad=1.0) == default
+    # the paper preset does not clip: null and 0 train alike and hash alike
+    assert hashes(preset='paper') == hashes(preset='paper', clip_grad=0) != hashes(preset='paper', clip_grad=1.0)
 
 
 def test_summary_table_marks_the_final_stage_and_students_below_their_teacher():

@@ -228,14 +228,15 @@ def _add_push_args(p) -> None:
 
 
 def _cmd_run(args) -> None:
-    from .config import apply_overrides, config_from_dict, config_to_yaml, epochs_note, lr_note, read_config_dict
+    from .config import (apply_overrides, clip_note, config_from_dict, config_to_yaml, epochs_note, lr_note,
+                         read_config_dict)
     from .pipeline import run
 
     cfg = config_from_dict(apply_overrides(read_config_dict(args.config), args.overrides))
     if args.output:
         cfg.output = args.output
     if args.print_config:
-        _print_main(config_to_yaml(cfg).rstrip() + '\n' + lr_note(cfg) + epochs_note(cfg))
+        _print_main(config_to_yaml(cfg).rstrip() + '\n' + lr_note(cfg) + clip_note(cfg) + epochs_note(cfg))
         return
     run(cfg, restart_from=args.restart_from, progress=not args.no_progress)
 
@@ -321,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--preset', choices=list(PRESETS),
                    help='optimizer recipe: small-data (AdamW, cosine; default) or paper (RMSProp-TF, step decay)')
     p.add_argument('--ema-decay', type=float, help='EMA of the weights (default: from the run length)')
-    p.add_argument('--clip-grad', type=float, help='largest global gradient norm a step takes (default: no clipping)')
+    p.add_argument('--clip-grad', type=float,
+                   help="largest global gradient norm a step takes (default: the preset's, 1.0 for small-data; 0: none)")
     p.add_argument('--randaugment', help="student input noise: 'none', 'rand-m9-n2-mstd0.5' or 'tf-m15-n2'")
     p.add_argument('--dropout', type=float, help='dropout before the classifier (default: the recipe, else 0.2)')
     p.add_argument('--drop-path', type=float, help='stochastic depth (default: a student\'s recipe, else 0.2; a teacher 0)')

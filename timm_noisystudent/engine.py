@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import augment
 from .config import (DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError,
-                     small_data_lr)
+                     clip_grad_of, small_data_lr)
 from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
 from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
@@ -410,7 +410,8 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
                        'unlabeled_ratio': spec.unlabeled_ratio,
                        # fewer pseudo rows than ratio x labeled rows shrink the pseudo share (data.pseudo_batch_size)
                        'pseudo_batch_size': rows.main_batch} if student else None,
-             'ema_decay': run.ema_decay, 'lr': spec.lr, 'batch_size': spec.batch_size, 'cropped_depthwise': cropped,
+             'ema_decay': run.ema_decay, 'clip_grad': clip_grad_of(train_cfg), 'lr': spec.lr,
+             'batch_size': spec.batch_size, 'cropped_depthwise': cropped,
              'head': 'zeros' if new_head else 'loaded',
              'eval': source_record(eval_data)}
     accelerator.wait_for_everyone()
@@ -534,6 +535,7 @@ class _Run:
         accelerator, state, cfg = self.accelerator, self.state, self.cfg
         model, optimizer, main_loader = self.model, self.optimizer, self.main_loader
         side = _Cycle(self.side_loader, state['side_seen']) if self.side_loader is not None else None
+        clip = clip_grad_of(cfg)
         bar = tqdm(total=self.total_steps, initial=state['step'],
                    disable=not (self.progress and accelerator.is_main_process),
                    desc=f"{'student' if side is not None else 'teacher'} {self.spec.model}", dynamic_ncols=True,
@@ -555,8 +557,8 @@ class _Run:
                     with accelerator.accumulate(model):
                         loss, n_images = self._loss(batch, side)
                         accelerator.backward(loss)
-                        if cfg.clip_grad and accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                        if clip and accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     if accelerator.sync_gradients:

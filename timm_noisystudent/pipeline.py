@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from .config import ModelStage, RunConfig, UserError, config_from_dict, config_hash, config_to_dict, stage_epochs
+from .config import (ModelStage, RunConfig, UserError, clip_grad_of, config_from_dict, config_hash, config_to_dict,
+                     stage_epochs)
 from .files import output_lock, save_config, save_figure, text_table, write_json_atomic, write_text_atomic
 from .data import check_output_outside, sources_of_run
 from .engine import check_trackers, train
@@ -32,8 +33,10 @@ def _stage_hashes(cfg: RunConfig) -> Dict[str, str]:
     # settings that change speed or logging, never results, stay out of the hash
     train = {k: v for k, v in config_to_dict(cfg.train).items()
              if k not in ('num_workers', 'checkpoint_every', 'keep_checkpoints', 'log_with')}
-    if train.get('clip_grad') is None:  # a key added later: runs from before it keep their hashes
-        train.pop('clip_grad', None)
+    # the bound a stage trains with; none stays out, as before the key existed, so such runs keep their hashes
+    train['clip_grad'] = clip_grad_of(cfg.train)
+    if train['clip_grad'] is None:
+        train.pop('clip_grad')
     common = {'labeled': config_to_dict(cfg.labeled), 'eval': config_to_dict(cfg.eval) if cfg.eval else None,
               'train': train, 'seed': cfg.seed}
     epochs = stage_epochs(cfg)
