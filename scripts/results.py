@@ -20,7 +20,9 @@ the labels of its unlabeled slice only score the pseudo labels):
 Each run names only the data, the model and image_size (32); every other key is a default. The
 baseline is the teacher trained alone on the labeled data for as many optimizer steps as the whole
 loop took (teacher + every student), with the teacher's other settings. Run it on a quiet machine:
-the wall times are part of the table.
+the wall times are part of the table. ``--work`` keeps the runs: the same command again reuses the
+finished stages (a loop run with ``--no-baseline`` gets its baseline that way), and the table then
+gives the stages' own seconds instead of the loop's wall time.
 
 ``--restarts`` adds a second baseline that has the loop's schedule but no unlabeled data: the
 teacher's settings, each stage warm-started from the one before and as many steps long as the
@@ -165,7 +167,11 @@ def markdown(results) -> str:
     lines = []
     for r in results:
         st = {s['stage']: s for s in r['stages']}
-        lines.append(f"**{r['task']}, {r['model']}** (loop {r['loop_seconds']:.0f} s"
+        own = sum(s.get('seconds') or 0 for s in r['stages'])
+        # a rerun with the same --work reuses finished stages: its wall time is not the loop's
+        loop = (f"loop {r['loop_seconds']:.0f} s" if r['loop_seconds'] >= own
+                else f"loop reused from --work, its stages' own seconds {own:.0f} s")
+        lines.append(f"**{r['task']}, {r['model']}** ({loop}"
                      + (f", baseline {r['baseline']['seconds']:.0f} s" if 'baseline' in r else '') + ')')
         lines.append('')
         lines.append('| stage | teacher | top-1 | steps | pseudo rows | pseudo-label acc. |')
@@ -198,9 +204,10 @@ def main() -> None:
     p.add_argument('--tasks', nargs='+', default=[t for t in TASKS if t != 'cifar10-1k-7k'], choices=list(TASKS),
                    help='default: every task but cifar10-1k-7k')
     p.add_argument('--models', nargs='+', default=list(MODELS))
-    p.add_argument('--work', default='runs/results', help='where the runs go')
+    p.add_argument('--work', default='runs/results',
+                   help='where the runs go; the same --work again reuses their finished stages')
     p.add_argument('--cifar', default=str(CIFAR), help='the CIFAR-10 parquet directory')
-    p.add_argument('--no-baseline', action='store_true')
+    p.add_argument('--no-baseline', action='store_true', help='the loop only, without its same-budget baseline')
     p.add_argument('--restarts', action='store_true',
                    help="also train the loop's schedule without unlabeled data (teacher settings, warm restarts)")
     p.add_argument('--json', help='append each result to this JSON-lines file')
