@@ -12,7 +12,8 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .config import MIXED_PRECISION_CHOICES, PRESETS, UserError
+from .config import (DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, MIXED_PRECISION_CHOICES, PRESETS, LabelsConfig,
+                     TrainConfig, UserError)
 
 
 def _print_main(text: str) -> None:
@@ -57,12 +58,18 @@ def _cmd_predict(args) -> None:
     if args.json:
         _print_main(json.dumps(results, indent=2))
         return
-    lines = []
+    _print_main(_predictions_table(results))
+
+
+def _predictions_table(results) -> str:
+    """One header row, then a row per prediction; the image is named on its first row."""
+    width = max([len('image')] + [len(str(res['image'])) for res in results])
+    lines = [f"{'image':<{width}}  rank  probability  class  label"]
     for res in results:
-        lines.append(res['image'])
-        for p in res['predictions']:
-            lines.append(f"  {p['probability'] * 100:6.2f}%  {p['index']:>4}  {p['label']}")
-    _print_main('\n'.join(lines))
+        for rank, p in enumerate(res['predictions'], start=1):
+            image = str(res['image']) if rank == 1 else ''
+            lines.append(f"{image:<{width}}  {rank:>4}  {p['probability'] * 100:10.2f}%  {p['index']:>5}  {p['label']}")
+    return '\n'.join(lines)
 
 
 def _source(path, split, image_column=None, label_column=None, name=None):
@@ -282,10 +289,21 @@ def _add_allow_pickle(p) -> None:
                         'unpickled (torch.load with weights_only=True)')
 
 
+def _version() -> str:
+    # the installed distribution's version; a source tree that is not installed has the package's own
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version('timm-noisystudent')
+    except PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='noisystudent', description='Noisy Student Training for timm models.')
     parser.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {_version()}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
     p = sub.add_parser('models', help='list the tf_efficientnet_*_ns variants and their recipes')
@@ -315,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--init-from', metavar='MODEL_DIR',
                    help="start from this model directory's weights (same architecture), e.g. the teacher's")
     p.add_argument('--image-size', type=int, help='square input size (default: the model\'s own)')
-    p.add_argument('--epochs', type=int, help='passes over the data (default 30; see README, "What epochs mean")')
-    p.add_argument('--batch-size', type=int, help='labeled images per step (default 64)')
+    p.add_argument('--epochs', type=int, help=f'passes over the data (default {TrainConfig.epochs}, and at least '
+                   f'--min-steps steps; see docs/how-it-works.md, "What epochs mean")')
+    p.add_argument('--batch-size', type=int,
+                   help=f'labeled images per step and per process (default {TrainConfig.batch_size})')
     p.add_argument('--lr', type=float, help='peak learning rate (default: the preset\'s; small-data: from the model\'s width, '
                    '3e-3 for tf_efficientnet_b0, at most 6e-3)')
     p.add_argument('--preset', choices=list(PRESETS),
@@ -330,11 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--unlabeled-ratio', type=int, help='pseudo-labeled images per labeled image in a batch')
     p.add_argument('--mixed-precision', choices=MIXED_PRECISION_CHOICES,
                    help='auto: bf16 (or fp16) on a GPU, fp32 on CPU (default auto)')
-    p.add_argument('--grad-accum-steps', type=int, help='batches per optimizer step (default 1)')
+    p.add_argument('--grad-accum-steps', type=int,
+                   help=f'batches per optimizer step (default {TrainConfig.grad_accum_steps})')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
-    p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
+    p.add_argument('--num-workers', type=int,
+                   help='DataLoader workers (default: on CPU measured when the stage starts, from the time of '
+                        'decoding a few rows and of one model step; on a GPU half the cores, at most 8)')
     p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
-    p.add_argument('--min-steps', type=int, help='train at least N steps, repeating short epochs (default 1000; 0: off)')
+    p.add_argument('--min-steps', type=int, help=f'train at least N batches of --batch-size images, repeating short '
+                   f'epochs (a student step counts 1 + ratio; default {TrainConfig.min_steps}; 0: off)')
     p.add_argument('--max-steps', type=int, help='stop after N steps (smoke tests)')
     p.add_argument('--log-with', help='Accelerate tracker: tensorboard, wandb, ...')
     p.add_argument('--freeze-blocks', type=int, default=0, help='freeze the stem and the first N blocks')
@@ -352,17 +376,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--streaming', action='store_true', help='stream the dataset instead of downloading it whole')
     p.add_argument('--output', '-o', required=True, help='output directory (data/*.parquet, stats.json, confidence.png)')
     p.add_argument('--hard', action='store_true', help='hard (one-hot argmax) labels instead of soft ones')
-    p.add_argument('--temperature', type=float, help='soft labels are softmax(logits / T) (default 1)')
-    p.add_argument('--threshold', type=float, help='keep images whose top-1 probability is >= this (default 0.3)')
+    p.add_argument('--temperature', type=float,
+                   help=f'soft labels are softmax(logits / T) (default {LabelsConfig.temperature:g})')
+    p.add_argument('--threshold', type=float,
+                   help=f'keep images whose top-1 probability is >= this (default {LabelsConfig.threshold:g})')
     p.add_argument('--per-class', type=_per_class_arg, metavar='auto|none|N',
-                   help='balance every class to N images; auto = the median class count (default)')
-    p.add_argument('--topk', type=int, help='store the top-k probabilities instead of all (default: 10 above 100 classes)')
-    p.add_argument('--batch-size', type=int, help='images per forward pass (default 128)')
+                   help=f'balance every class to N images (default {LabelsConfig.per_class}): auto is the median '
+                        'count above the threshold, and at least half an even share of the labeled images '
+                        '(images / (2 x classes)); none: no balancing')
+    p.add_argument('--topk', type=int, help=f'store the top-k probabilities instead of all (default: '
+                                            f'{DEFAULT_TOPK} above {FULL_PROBS_MAX_CLASSES} classes)')
+    p.add_argument('--batch-size', type=int, help=f'images per forward pass (default {LabelsConfig.batch_size})')
     p.add_argument('--image-size', type=int, help="the teacher's input size (default: its own data config)")
     p.add_argument('--mixed-precision', choices=MIXED_PRECISION_CHOICES,
                    help='auto: bf16 on a GPU or a CPU with fast bf16, else fp32 (default auto)')
     p.add_argument('--seed', type=int, default=0, help='seed of the duplication draw when balancing')
-    p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
+    p.add_argument('--num-workers', type=int,
+                   help='DataLoader workers (default: on CPU measured at start-up, a stream by its image size; '
+                        'on a GPU half the cores, at most 8)')
     p.add_argument('--rows-per-shard', type=int, help='rows per output shard, the unit of resume')
     _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_label)
@@ -386,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_push_labels)
 
     p = sub.add_parser('run', help='the whole Noisy Student loop from a YAML config')
-    p.add_argument('config', metavar='CONFIG.yaml', help='the run config (see README, "The config")')
+    p.add_argument('config', metavar='CONFIG.yaml', help='the run config (every key: docs/config.md)')
     p.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='override config keys: teacher.epochs=5')
     p.add_argument('--output', '-o', help='run directory (default: the config\'s output)')
     p.add_argument('--restart-from', metavar='STAGE', help='redo this stage and every later one (e.g. iter1-labels)')
@@ -425,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--image-size', type=int, help="square input size (default: the model's own)")
     p.add_argument('--mixed-precision', choices=MIXED_PRECISION_CHOICES, default='auto',
                    help='auto: bf16 on a GPU or a CPU with fast bf16, else fp32 (default auto)')
-    p.add_argument('--num-workers', type=int, help='DataLoader workers (default: chosen for the image size)')
+    p.add_argument('--num-workers', type=int,
+                   help='DataLoader workers (default: half the cores at 64 px and below, an eighth above, at most 8; '
+                        'on a GPU half the cores, at most 8)')
     p.add_argument('--json', action='store_true', help='print the metrics as JSON')
     _add_allow_pickle(p)
     p.set_defaults(fn=_cmd_eval)
