@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f'keep images whose top-1 probability is >= this (default {LabelsConfig.threshold:g})')
     p.add_argument('--per-class', type=_per_class_arg, metavar='auto|none|N',
                    help=f'balance every class to N images (default {LabelsConfig.per_class}): auto is the median '
-                        'count above the threshold, and at least half an even share of the labeled images '
+                        'count above the threshold, and at least half an even share of the images labeled '
                         '(images / (2 x classes)); none: no balancing')
     p.add_argument('--topk', type=int, help=f'store the top-k probabilities instead of all (default: '
                                             f'{DEFAULT_TOPK} above {FULL_PROBS_MAX_CLASSES} classes)')
