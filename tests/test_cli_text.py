@@ -1,0 +1,76 @@
+"""What the CLI says about itself: --version, help defaults that match the config, predict's header."""
+import argparse
+import re
+from importlib.metadata import version
+
+import pytest
+from PIL import Image
+
+from timm_noisystudent.cli import build_parser, main
+from timm_noisystudent.config import LabelsConfig, NoiseConfig, TrainConfig
+
+
+def _sub(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise AssertionError('no subcommands')
+
+
+def _help(sub: str, flag: str) -> str:
+    p = _sub(sub)
+    formatter = p._get_formatter()
+    (action,) = [a for a in p._actions if flag in a.option_strings]
+    return ' '.join(formatter._expand_help(action).split())
+
+
+def test_version_is_the_installed_distribution(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(['--version'])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"noisystudent {version('timm-noisystudent')}"
+
+
+@pytest.mark.parametrize('sub, config', [('train', TrainConfig), ('train', NoiseConfig), ('label', LabelsConfig)])
+def test_help_defaults_are_the_config_defaults(sub, config):
+    """A flag named for a config field that says "default N" says the field's default."""
+    fields = {f.name: f.default for f in config.__dataclass_fields__.values()}
+    checked = 0
+    for action in _sub(sub)._actions:
+        if action.dest not in fields or not action.help:
+            continue
+        for said in re.findall(r'default (-?\d+(?:\.\d+)?(?:e-?\d+)?)\b', _help(sub, action.option_strings[0])):
+            assert float(said) == float(fields[action.dest]), f'{sub} {action.option_strings[0]}: says {said}'
+            checked += 1
+    if config is not NoiseConfig:  # noise defaults come from the recipes, not numbers
+        assert checked >= 3
+
+
+def test_train_epochs_help_says_the_real_default():
+    text = _help('train', '--epochs')
+    assert f'default {TrainConfig.epochs}' in text and 'docs/how-it-works.md' in text
+
+
+def test_num_workers_help_says_how_they_are_chosen():
+    for sub in ('train', 'label'):
+        text = _help(sub, '--num-workers')
+        assert 'measured' in text and 'chosen for the image size' not in text, sub
+    assert '64 px' in _help('eval', '--num-workers')  # eval's count does follow the image size
+
+
+def test_per_class_help_names_the_floor():
+    text = _help('label', '--per-class')
+    assert 'median' in text and 'half an even share' in text
+
+
+def test_predict_prints_a_header_row(tmp_path, capsys):
+    img = tmp_path / 'x.png'
+    Image.new('RGB', (40, 40), (200, 30, 30)).save(img)
+    assert main(['predict', str(img), str(img), '--model', 'test_efficientnet', '--no-pretrained',
+                 '--top-k', '2']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ['image', 'rank', 'probability', 'class', 'label']
+    assert len(lines) == 1 + 2 * 2
+    assert lines[1].startswith(str(img)) and lines[1].split()[1] == '1' and '%' in lines[1]
+    assert lines[2].split()[0] == '2'  # the image is named on its first row only
