@@ -260,7 +260,7 @@ def test_export_replaces_an_earlier_export_and_refuses_other_directories(tmp_pat
 
     (tmp_path / 'photos').mkdir()
     (tmp_path / 'photos' / 'cat.jpg').write_bytes(b'x')
-    with pytest.raises(UserError, match='not a model directory'):
+    with pytest.raises(UserError, match='not an earlier export'):
         export(src, tmp_path / 'photos')
     assert _files(tmp_path / 'photos') == {'cat.jpg'}
 

@@ -378,7 +378,7 @@ def check_labels(ds, label_column: str, num_classes: int, what: str = 'labeled')
 
 
 def check_output_outside(output: Union[str, os.PathLike], source: Any, what: str) -> None:
-    """An output directory inside a local input folder would be read back as input: refuse it."""
+    """An output inside a local input folder would be read back as input, one above it could overwrite it: refuse both."""
     source = as_source(source) if source is not None else None
     if not isinstance(source, DataSource):
         return
@@ -389,6 +389,9 @@ def check_output_outside(output: Union[str, os.PathLike], source: Any, what: str
     if out == root or root in out.parents:
         raise UserError(f'the output {output} lies inside the {what} folder {source.path}, so its files would be '
                         'read as data; choose an output outside it.')
+    if out in root.parents:
+        raise UserError(f'the output {output} contains the {what} folder {source.path}, and writing there could '
+                        'replace or clean files of the data; choose an output beside it.')
 
 
 IDENTITY_SAMPLE = 16  # rows whose bytes go into a source's identity

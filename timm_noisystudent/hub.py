@@ -50,11 +50,22 @@ def _put(src: Path, dst: Path, link: bool) -> None:
     shutil.copyfile(src, dst)
 
 
+EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
+
+
 def _check_out(out: Path) -> None:
-    if out.is_file():
+    """An export replaces ``out`` whole: only a new or empty directory, or an earlier export, may be replaced."""
+    if out.exists() and not out.is_dir():
         raise UserError(f'{out} is a file; pass a directory for the export.')
-    if out.is_dir() and any(out.iterdir()) and not (out / 'config.json').is_file():
-        raise UserError(f'{out} exists and is not a model directory; pick a new directory for the export.')
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not names:
+        return
+    foreign = [n for n in names if n not in EXPORT_FILES]
+    if foreign or 'config.json' not in names or 'README.md' not in names:
+        what = f"it also holds {', '.join(foreign[:3])}" + (' ...' if len(foreign) > 3 else '') if foreign \
+            else 'it lacks the config.json and README.md an export writes'
+        raise UserError(f'{out} exists and is not an earlier export ({what}); an export replaces its directory '
+                        'whole, so pick a new directory.')
 
 
 def export(

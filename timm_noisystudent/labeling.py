@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -751,24 +752,29 @@ def _hardened(table: pa.Table, topk: Optional[int], num_classes: int) -> pa.Tabl
 def _write_selected(output: Path, files: List[Path], sizes: List[int], picked: np.ndarray, soft: bool,
                     topk: Optional[int], num_classes: int) -> None:
     """data/: one file per raw shard with its selected rows; swapped in whole."""
+    for stale in output.glob('.data.tmp-*'):  # what a killed or failed earlier selection left
+        remove_tree(stale)
     tmp = output / f'.data.tmp-{os.getpid()}'
-    remove_tree(tmp)
     tmp.mkdir(parents=True)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     written = 0
-    for k, f in enumerate(files):
-        lo, hi = np.searchsorted(picked, [offsets[k], offsets[k + 1]])
-        if hi == lo:
-            continue
-        table = pq.read_table(f).take(pa.array(picked[lo:hi] - offsets[k]))
-        table = table.replace_schema_metadata(None)
-        if not soft:
-            table = _hardened(table, topk, num_classes)
-        _write_parquet(table, tmp / f.name)
-        written += 1
-    if not written:  # nothing selected: still a loadable, empty table with the columns
-        _write_parquet(_schema(topk).empty_table(), tmp / 'empty.parquet')
-    replace_dir(tmp, output / 'data')
+    try:
+        for k, f in enumerate(files):
+            lo, hi = np.searchsorted(picked, [offsets[k], offsets[k + 1]])
+            if hi == lo:
+                continue
+            table = pq.read_table(f).take(pa.array(picked[lo:hi] - offsets[k]))
+            table = table.replace_schema_metadata(None)
+            if not soft:
+                table = _hardened(table, topk, num_classes)
+            _write_parquet(table, tmp / f.name)
+            written += 1
+        if not written:  # nothing selected: still a loadable, empty table with the columns
+            _write_parquet(_schema(topk).empty_table(), tmp / 'empty.parquet')
+        replace_dir(tmp, output / 'data')
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _plot(path: Path, conf: np.ndarray, sel: Dict[str, Any], threshold: float, label_names: Sequence[str]) -> None:

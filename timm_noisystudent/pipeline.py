@@ -19,7 +19,7 @@ from .files import output_lock, save_config, save_figure, text_table, write_json
 from .data import check_output_outside, sources_of_run
 from .engine import check_trackers, train
 from .rundir import (
-    check_stages, is_done, mark_done, remove_leftovers, stage_kind, stage_names, start_stage,
+    check_run_output, check_stages, is_done, mark_done, remove_leftovers, stage_kind, stage_names, start_stage,
 )
 from .runtime import Preempted, process_state
 from .labeling import label
@@ -142,8 +142,9 @@ def run(
     cfg = config if isinstance(config, RunConfig) else config_from_dict(config)
     if output is not None:
         cfg = replace(cfg, output=str(output))
-    out = Path(cfg.output)
+    out = Path(cfg.output).expanduser()
     _check_before_training(cfg)
+    check_run_output(out)
     state = process_state()
     sources = {'labeled': cfg.labeled, 'unlabeled': cfg.unlabeled, 'eval': cfg.eval, 'validation': cfg.validation}
     with output_lock(out, state), _datasets_bars(progress):  # one run per directory; a second one stops here

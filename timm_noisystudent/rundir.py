@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import yaml
 
 from .config import RunConfig, UserError
-from .files import write_json_atomic
+from .files import LOCK_NAME, write_json_atomic
 from .runtime import process_state
 
 
@@ -25,6 +25,10 @@ def is_model_dir(path: Path) -> bool:
     """A directory that ``load_model`` reads: a ``config.json`` and its weights beside it."""
     return path.is_dir() and (path / 'config.json').is_file()
 
+
+
+STAGE_NAME = re.compile(r'^iter(\d+)-(teacher|student|labels)$')
+FINETUNE = 'finetune'
 
 
 def stage_names(cfg: RunConfig) -> List[str]:
@@ -80,19 +84,68 @@ def recorded_hash(stage_dir: Path):
 
 
 # every writer here and below uses a hidden temp name: .NAME.tmp, .NAME.tmp-PID, .NAME.old-PID, ...
-LEFTOVER = re.compile(r'^\..+\.(tmp|old)([-.][^/]*)?$')
+LEFTOVER = re.compile(r'^\.(?P<name>.+)\.(tmp|old)([-.][^/]*)?$')
+
+# what a run writes at its top level, besides its stage directories
+RUN_FILES = ('config.yaml', 'summary.json', 'summary.md', 'accuracy.png', 'sources', 'final',
+             LOCK_NAME, LOCK_NAME + '.pid')
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_FILES or name == FINETUNE or STAGE_NAME.match(name) is not None
+
+
+def _is_own_leftover(name: str) -> bool:
+    match = LEFTOVER.match(name)
+    return match is not None and _is_run_entry(match.group('name'))
+
+
+def foreign_entries(out: Path) -> List[str]:
+    """What in an existing output directory a run did not write: empty for a new, empty or run directory.
+
+    A run directory holds nothing but what a run writes, and the lock every run takes first or a
+    stage that recorded what made it (a stage copied from another run), so that a folder with only
+    the user's own config.yaml is not taken for one.
+    """
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir())
+    made = LOCK_NAME in names or any((out / n / 'stage.json').is_file() for n in names if STAGE_NAME.match(n))
+    if names and not made:
+        return names
+    return [n for n in names if not (_is_run_entry(n) or _is_own_leftover(n))]
+
+
+def check_run_output(out: Path) -> None:
+    """Refuse an output that is a file, or a non-empty directory that is not a run: a run writes and cleans there."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f'the output {out} is a file; pass a new or empty directory, or an earlier run directory.')
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ', '.join(foreign[:3]) + (f' and {len(foreign) - 3} more' if len(foreign) > 3 else '')
+        raise UserError(f'the output {out} is not empty and is not a noisystudent run (it holds {shown}); '
+                        'pass a new or empty directory.')
 
 
 def remove_leftovers(out: Path) -> None:
-    """Temp files and directories that a killed run left behind in the run directory."""
-    for root, dirs, files in os.walk(out):
-        for name in [n for n in dirs + files if LEFTOVER.match(n)]:
-            path = Path(root) / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        dirs[:] = [d for d in dirs if not LEFTOVER.match(d)]
+    """Temp files and directories that a killed run left behind: only the run's own, only in a run directory."""
+    if foreign_entries(out):
+        raise UserError(f'{out} is not a run directory; nothing is removed from it.')
+    for entry in out.iterdir():
+        if _is_own_leftover(entry.name):
+            _remove(entry)
+        elif entry.is_dir() and not entry.is_symlink() and _is_run_entry(entry.name):
+            for root, dirs, files in os.walk(entry):
+                for name in [n for n in dirs + files if LEFTOVER.match(n)]:
+                    _remove(Path(root) / name)
+                dirs[:] = [d for d in dirs if not LEFTOVER.match(d)]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def start_stage(stage_dir: Path, config_hash_: str) -> None:
@@ -106,12 +159,6 @@ def start_stage(stage_dir: Path, config_hash_: str) -> None:
 # `export --allow-pickle` converts any of them to model.safetensors
 TIMM_PICKLES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
 PICKLE_FILES = TIMM_PICKLES + ('model.pt', 'model.bin', 'model.ckpt')
-
-
-STAGE_NAME = re.compile(r'^iter(\d+)-(teacher|student|labels)$')
-
-
-FINETUNE = 'finetune'
 
 
 @dataclass(frozen=True)
