@@ -172,7 +172,7 @@ def test_predict_prints_names_and_probabilities(saved_model, tmp_path, capsys):
         assert r['predictions'][0]['probability'] >= r['predictions'][1]['probability']
     assert main(['predict', str(img), '--model', str(saved_model)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == str(img)
+    assert out.splitlines()[0].split()[:2] == ['image', 'rank'] and out.splitlines()[1].startswith(str(img))
     assert len(out.splitlines()) == 4 and '%' in out
 
 
