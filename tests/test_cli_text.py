@@ -49,7 +49,9 @@ def test_help_defaults_are_the_config_defaults(sub, config):
 
 def test_train_epochs_help_says_the_real_default():
     text = _help('train', '--epochs')
-    assert f'default {TrainConfig.epochs}' in text and 'docs/how-it-works.md' in text
+    from timm_noisystudent.config import PRESET_EPOCHS
+    assert f"the preset's: {PRESET_EPOCHS['small-data']} from random weights, {PRESET_EPOCHS['finetune']} for a " \
+        'pretrained teacher' in ' '.join(text.split()) and 'docs/how-it-works.md' in text
 
 
 def test_num_workers_help_says_how_they_are_chosen():

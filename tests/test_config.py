@@ -89,14 +89,44 @@ def test_defaults():
     assert cfg.students == [ModelStage()]
     assert cfg.labels == LabelsConfig() and cfg.labels.per_class == 'auto'
     assert cfg.noise == NoiseConfig(None, None, None)
-    assert cfg.train == TrainConfig() and cfg.train.preset == 'small-data'
+    assert cfg.train == TrainConfig() and cfg.train.preset == 'auto'
     assert cfg.finetune.epochs == 0
     assert (cfg.output, cfg.seed, cfg.hub) == ('runs/noisystudent', 0, HubConfig())
     assert stage_epochs(cfg) == [C.DEFAULT_EPOCHS, C.DEFAULT_EPOCHS]
     # the defaults that keep students above their teachers (measured: see the README's results)
     assert (cfg.iterate_from, cfg.validation, cfg.labels.fill) == ('best', None, True)
-    assert (cfg.train.min_steps, cfg.train.student_init) == (1000, 'teacher')
+    assert (C.min_steps_of(cfg.train), cfg.train.student_init) == (1000, 'teacher')
     assert (C.DEFAULT_EPOCHS, C.clip_grad_of(cfg.train)) == (60, 1.0)
+    assert C.stage_pretrained(cfg) == [False, False]
+
+
+def test_the_finetune_recipe_and_budget_are_pinned():
+    # stages that start from pretrained weights: a tenth of the from-scratch lr and budget (measured on
+    # the pretrained dev tasks: docs/how-it-works.md, docs/results.md)
+    assert C.PRESETS['finetune'] == dict(opt='adamw', lr=3e-4, weight_decay=0.05, sched='cosine',
+                                         warmup_epochs=1.0, min_lr=1e-6, momentum=0.9)
+    assert (C.PRESET_EPOCHS['finetune'], C.PRESET_STUDENT_EPOCHS['finetune'], C.PRESET_MIN_STEPS['finetune'],
+            C.PRESET_CLIP_GRAD['finetune']) == (5, 3, 300, 1.0)
+    assert (C.PRESET_EPOCHS['small-data'], C.PRESET_MIN_STEPS['small-data']) == (60, 1000)
+
+
+def test_auto_picks_finetune_for_pretrained_stages_and_students_inherit_the_teachers_weights():
+    cfg = config_from_dict(_with(teacher={'pretrained': True}, students=[{}, {'model': 'x', 'epochs': 3},
+                                                                         {'pretrained': False}]))
+    assert C.stage_pretrained(cfg) == [True, True, True, False]
+    assert [C.preset_of(cfg.train, p) for p in C.stage_pretrained(cfg)] == \
+        ['finetune', 'finetune', 'finetune', 'small-data']
+    # a pretrained student trains its preset's 3 epochs; a scratch one follows the stage before it, unless
+    # that trained with another preset
+    assert stage_epochs(cfg) == [5, 3, 3, 60]
+    assert C.min_steps_of(cfg.train, True) == 300 and C.min_steps_of(cfg.train, False) == 1000
+    note = C.presets_note(cfg)
+    assert '# iter0-teacher: preset finetune (pretrained weights): opt adamw, lr 0.0003' in note
+    assert '# iter3-student: preset small-data (random weights)' in note
+    # an explicit preset applies to every stage, and explicit budgets win
+    forced = config_from_dict(_with(teacher={'pretrained': True}, train={'preset': 'small-data', 'min_steps': 7}))
+    assert C.preset_of(forced.train, True) == 'small-data' and C.min_steps_of(forced.train, True) == 7
+    assert stage_epochs(forced) == [60, 60]
 
 
 def test_clip_grad_resolves_from_the_preset_and_0_turns_it_off():
@@ -104,7 +134,8 @@ def test_clip_grad_resolves_from_the_preset_and_0_turns_it_off():
     assert C.clip_grad_of(TrainConfig(preset='paper')) is None
     assert C.clip_grad_of(TrainConfig(clip_grad=0)) is None
     assert C.clip_grad_of(TrainConfig(preset='paper', clip_grad=2.5)) == 2.5
-    assert '# clip_grad: null -> the small-data preset' in C.clip_note(config_from_dict(_with()))
+    assert "# clip_grad: null -> the presets': each step's global gradient norm at most 1" in \
+        C.clip_note(config_from_dict(_with()))
     assert C.clip_note(config_from_dict(_with(train={'clip_grad': 0}))) == ''
 
 
@@ -112,8 +143,9 @@ def test_epochs_note_says_what_epochs_mean_for_each_stage():
     cfg = config_from_dict(_with(teacher={'epochs': 12}, students=[{}, {'epochs': 5}]))
     note = C.epochs_note(cfg)
     assert all(line.startswith('# ') for line in note.splitlines())
-    assert 'longer of its two streams' in note and 'min_steps (1000)' in note
-    assert note.splitlines()[-1] == '# resolved epochs: iter0-teacher 12, iter1-student 12, iter2-student 5'
+    assert 'longer of its two streams' in note
+    assert note.splitlines()[-2] == '# resolved epochs: iter0-teacher 12, iter1-student 12, iter2-student 5'
+    assert note.splitlines()[-1] == '# resolved min_steps: iter0-teacher 1000, iter1-student 1000, iter2-student 1000'
 
 
 def test_default_students_are_not_shared_between_configs():

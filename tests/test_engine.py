@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from digits import digits_arrays, split_indices, write_image_folder, write_parquet
 from timm_noisystudent.config import DataSource, ModelStage, NoiseConfig, TrainConfig, UserError
 from timm_noisystudent.data import decode_image, load_source, pseudo_batch_size
-from timm_noisystudent.engine import evaluate_model, train
+from timm_noisystudent.engine import evaluate_model, resolve_stage, train
 
 MODEL = 'test_efficientnet'
 CLI = [sys.executable, '-m', 'timm_noisystudent']
@@ -257,6 +257,26 @@ def test_the_small_data_lr_follows_the_models_width():
                          False).lr == 2e-3
     assert resolve_stage(ModelStage(model='tf_efficientnet_b0'), TrainConfig(preset='paper'), NoiseConfig(),
                          True).lr == 0.016
+
+
+def test_a_pretrained_stage_gets_the_finetune_recipe_and_a_scratch_stage_the_small_data_one(digits, teacher,
+                                                                                              tmp_path):
+    from timm_noisystudent.config import PRESETS
+    # the teacher's export stands in for a pretrained checkpoint: a local model directory
+    pretrained_dir = str(teacher[0] / 'model')
+    cfg = TrainConfig(batch_size=32, num_workers=0, mixed_precision='no', max_steps=2)  # budgets: the presets'
+    runs = {'pretrained': ModelStage(model=pretrained_dir, pretrained=True, image_size=32),
+            'scratch': ModelStage(model=MODEL, image_size=32)}
+    got = {name: train(stage, digits['labeled'], tmp_path / name, train_cfg=cfg, progress=False)
+           for name, stage in runs.items()}
+    ft, sd = got['pretrained'], got['scratch']
+    assert (ft['preset'], ft['pretrained'], ft['lr'], ft['min_steps'], ft['epochs']) == \
+        ('finetune', True, PRESETS['finetune']['lr'], 300, 34)  # 300 images at 32 a step: 9 full steps a pass
+    assert ft['weight_decay'] == PRESETS['finetune']['weight_decay'] and ft['clip_grad'] == 1.0
+    assert ft['head'] == 'loaded'  # the same 10 classes: the pretrained head is kept
+    assert (sd['preset'], sd['pretrained'], sd['lr'], sd['min_steps'], sd['epochs']) == \
+        ('small-data', False, 6e-3, 1000, 112)
+    assert resolve_stage(runs['pretrained'], TrainConfig(preset='small-data'), NoiseConfig(), False).lr is None
 
 
 def _train_cmd(digits, out, *extra):

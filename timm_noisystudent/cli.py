@@ -12,7 +12,8 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .config import (DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, MIXED_PRECISION_CHOICES, PRESETS, LabelsConfig,
+from .config import (DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, MIXED_PRECISION_CHOICES, PRESET_CHOICES,
+                     PRESET_EPOCHS, PRESET_MIN_STEPS, PRESET_STUDENT_EPOCHS, PRESETS, LabelsConfig,
                      TrainConfig, UserError)
 
 
@@ -236,14 +237,15 @@ def _add_push_args(p) -> None:
 
 def _cmd_run(args) -> None:
     from .config import (apply_overrides, clip_note, config_from_dict, config_to_yaml, epochs_note, lr_note,
-                         read_config_dict)
+                         presets_note, read_config_dict)
     from .pipeline import run
 
     cfg = config_from_dict(apply_overrides(read_config_dict(args.config), args.overrides))
     if args.output:
         cfg.output = args.output
     if args.print_config:
-        _print_main(config_to_yaml(cfg).rstrip() + '\n' + lr_note(cfg) + clip_note(cfg) + epochs_note(cfg))
+        _print_main(config_to_yaml(cfg).rstrip() + '\n' + presets_note(cfg) + lr_note(cfg) + clip_note(cfg)
+                    + epochs_note(cfg))
         return
     run(cfg, restart_from=args.restart_from, progress=not args.no_progress)
 
@@ -333,17 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--init-from', metavar='MODEL_DIR',
                    help="start from this model directory's weights (same architecture), e.g. the teacher's")
     p.add_argument('--image-size', type=int, help='square input size (default: the model\'s own)')
-    p.add_argument('--epochs', type=int, help=f'passes over the data (default {TrainConfig.epochs}, and at least '
-                   f'--min-steps steps; see docs/how-it-works.md, "What epochs mean")')
+    p.add_argument('--epochs', type=int, help=f"passes over the data (default: the preset's: "
+                   f"{PRESET_EPOCHS['small-data']} from random weights, {PRESET_EPOCHS['finetune']} for a pretrained "
+                   f"teacher and {PRESET_STUDENT_EPOCHS['finetune']} for a pretrained student; and at least "
+                   '--min-steps steps; see docs/how-it-works.md, "What epochs mean")')
     p.add_argument('--batch-size', type=int,
                    help=f'labeled images per step and per process (default {TrainConfig.batch_size})')
-    p.add_argument('--lr', type=float, help='peak learning rate (default: the preset\'s; small-data: from the model\'s width, '
-                   '3e-3 for tf_efficientnet_b0, at most 6e-3)')
-    p.add_argument('--preset', choices=list(PRESETS),
-                   help='optimizer recipe: small-data (AdamW, cosine; default) or paper (RMSProp-TF, step decay)')
+    p.add_argument('--lr', type=float, help=f"peak learning rate (default: the preset's; finetune "
+                   f"{PRESETS['finetune']['lr']:g}; small-data: from the model's width, 3e-3 for tf_efficientnet_b0, "
+                   'at most 6e-3)')
+    p.add_argument('--preset', choices=PRESET_CHOICES,
+                   help='optimizer recipe and budget: auto (default: finetune with --pretrained, which with '
+                        '--init-from says the weights descend from pretrained ones; else small-data), '
+                        'small-data (AdamW, cosine, lr from the width), finetune (AdamW, cosine, '
+                        f"lr {PRESETS['finetune']['lr']:g}) or paper (RMSProp-TF, step decay)")
     p.add_argument('--ema-decay', type=float, help='EMA of the weights (default: from the run length)')
     p.add_argument('--clip-grad', type=float,
-                   help="largest global gradient norm a step takes (default: the preset's, 1.0 for small-data; 0: none)")
+                   help="largest global gradient norm a step takes (default: the preset's, 1.0 for small-data and "
+                        "finetune; 0: none)")
     p.add_argument('--randaugment', help="student input noise: 'none', 'rand-m9-n2-mstd0.5' or 'tf-m15-n2'")
     p.add_argument('--dropout', type=float, help='dropout before the classifier (default: the recipe, else 0.2)')
     p.add_argument('--drop-path', type=float, help='stochastic depth (default: a student\'s recipe, else 0.2; a teacher 0)')
@@ -358,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'decoding a few rows and of one model step; on a GPU half the cores, at most 8)')
     p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
     p.add_argument('--min-steps', type=int, help=f'train at least N batches of --batch-size images, repeating short '
-                   f'epochs (a student step counts 1 + ratio; default {TrainConfig.min_steps}; 0: off)')
+                   f"epochs (a student step counts 1 + ratio; default: the preset's, {PRESET_MIN_STEPS['small-data']} "
+                   f"from random weights, {PRESET_MIN_STEPS['finetune']} from pretrained ones; 0: off)")
     p.add_argument('--max-steps', type=int, help='stop after N steps (smoke tests)')
     p.add_argument('--log-with', help='Accelerate tracker: tensorboard, wandb, ...')
     p.add_argument('--freeze-blocks', type=int, default=0, help='freeze the stem and the first N blocks')

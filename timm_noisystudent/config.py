@@ -30,7 +30,8 @@ __all__ = [
     'read_config_dict', 'apply_overrides', 'config_to_dict', 'config_to_yaml',
     'config_hash', 'stage_epochs', 'epochs_note', 'lr_note', 'MIXED_PRECISION_CHOICES', 'PRESETS', 'SMALL_IMAGE_MAX', 'DEFAULT_EPOCHS',
     'DEFAULT_UNLABELED_RATIO', 'DEFAULT_TOPK', 'small_data_lr', 'FULL_PROBS_MAX_CLASSES', 'ITERATE_FROM_CHOICES',
-    'STUDENT_INIT_CHOICES', 'PRESET_CLIP_GRAD', 'clip_grad_of', 'clip_note',
+    'STUDENT_INIT_CHOICES', 'PRESET_CLIP_GRAD', 'clip_grad_of', 'clip_note', 'PRESET_CHOICES', 'PRESET_EPOCHS',
+    'PRESET_MIN_STEPS', 'PRESET_STUDENT_EPOCHS', 'preset_of', 'min_steps_of', 'epochs_of', 'stage_pretrained', 'presets_note',
 ]
 
 
@@ -41,17 +42,32 @@ class UserError(Exception):
 MIXED_PRECISION_CHOICES = ('auto', 'bf16', 'fp16', 'no')
 # px: at or below, an image is small: small-image RandAugment ops, and decoding costs about what the model does
 SMALL_IMAGE_MAX = 64
-# the paper's presets; `small-data` fits short CPU runs on a few thousand images
-PRESETS = {  # the optimizer recipe of each train.preset; lr None: small_data_lr of the model's width
+# the optimizer recipe of each train.preset; lr None: small_data_lr of the model's width.
+# `small-data` fits short CPU runs from random weights on a few thousand images; `finetune` is for
+# stages that start from pretrained weights; `paper` is the official ImageNet recipe
+PRESETS = {
     'small-data': dict(opt='adamw', lr=None, weight_decay=0.05, sched='cosine', warmup_epochs=1.0,
                        min_lr=1e-5, momentum=0.9),
+    # pretrained backbones: a tenth of small-data's peak lr keeps the ImageNet features (measured on
+    # the pretrained dev tasks, see docs/how-it-works.md)
+    'finetune': dict(opt='adamw', lr=3e-4, weight_decay=0.05, sched='cosine', warmup_epochs=1.0,
+                     min_lr=1e-6, momentum=0.9),
     'paper': dict(opt='rmsproptf', lr=0.016, weight_decay=1e-5, sched='step', warmup_epochs=5.0,
                   min_lr=0.0, momentum=0.9, decay_epochs=2.4, decay_rate=0.97),
 }
+# train.preset 'auto': each stage gets `finetune` when it starts from pretrained weights, else `small-data`
+PRESET_CHOICES = ('auto',) + tuple(PRESETS)
 # the bound on each optimizer step's global gradient norm when train.clip_grad is null. small-data
 # clips: unclipped, its small models' curves fell at the peak lr and the loop's restarts cost what
 # the pseudo labels gained (measured on the dev tasks, see the README); the paper's recipe does not
-PRESET_CLIP_GRAD = {'small-data': 1.0, 'paper': None}
+PRESET_CLIP_GRAD = {'small-data': 1.0, 'finetune': 1.0, 'paper': None}
+# a stage's budget when train.epochs / train.min_steps are null. From random weights a few thousand
+# images want 60 epochs and at least 1,000 steps; a pretrained backbone's eval curve flattens after
+# a few hundred steps (measured on the pretrained dev tasks), so its teacher trains 5 epochs and at
+# least 300 steps, and each student 3 passes over the longer of its streams (None: the stage before's)
+PRESET_EPOCHS = {'small-data': 60, 'finetune': 5, 'paper': 60}
+PRESET_STUDENT_EPOCHS = {'small-data': None, 'finetune': 3, 'paper': None}
+PRESET_MIN_STEPS = {'small-data': 1000, 'finetune': 300, 'paper': 1000}
 # small-data's peak lr falls with the square root of the model's width (the classifier's input:
 # timm's head_hidden_size where a model has a head conv after pooling, as lcnet and MobileNetV3 do,
 # else num_features), up to a cap. Measured on the dev tasks (see the README): tf_efficientnet_b0
@@ -72,7 +88,7 @@ def small_data_lr(num_features: int) -> float:
 PER_CLASS_WORDS = ('auto', 'none')
 ITERATE_FROM_CHOICES = ('best', 'last')  # which model labels the next iteration
 STUDENT_INIT_CHOICES = ('teacher', 'scratch')  # where a student of its teacher's architecture starts
-DEFAULT_EPOCHS = 60
+DEFAULT_EPOCHS = PRESET_EPOCHS['small-data']  # from random weights
 DEFAULT_UNLABELED_RATIO = 3  # when the variant has no NS recipe
 DEFAULT_TOPK = 10  # pseudo-labels keep the top-k probabilities ...
 FULL_PROBS_MAX_CLASSES = 100  # ... above this many classes; below, the full distribution
@@ -93,8 +109,10 @@ class DataSource:
 class ModelStage:
     """The teacher or one student; None fields fall back as the comments say."""
     model: str = 'tf_efficientnet_b0'  # timm name, hf-hub:org/name, or local dir
-    pretrained: bool = False
-    # teacher: passes over the labeled data (default train.epochs). Student: passes over the
+    # start from the model's pretrained weights (new head). None: false for the teacher; a student
+    # takes the teacher's, so a pretrained run's larger students keep their own pretraining
+    pretrained: Optional[bool] = None
+    # teacher: passes over the labeled data (default train.epochs, else its preset's). Student: passes over the
     # longer of its two streams, the labeled images at B a step or the pseudo-labeled ones at
     # ratio*B a step, so a student never trains fewer steps per epoch than its teacher, however
     # few rows selection kept (default: the previous stage's epochs).
@@ -134,11 +152,16 @@ class NoiseConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = DEFAULT_EPOCHS  # the teacher's epochs when teacher.epochs is None
+    # the teacher's epochs when teacher.epochs is None; None: its preset's (PRESET_EPOCHS: 60 from
+    # random weights, 5 from pretrained ones, whose students train 3: PRESET_STUDENT_EPOCHS)
+    epochs: Optional[int] = None
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
     unlabeled_ratio: Optional[int] = None  # None -> variant recipe, else DEFAULT_UNLABELED_RATIO
-    preset: str = 'small-data'  # 'small-data' (AdamW + cosine) | 'paper' (RMSProp-TF, step 0.97/2.4 ep)
+    # 'auto': finetune for a stage that starts from pretrained weights, small-data otherwise;
+    # 'small-data' (AdamW + cosine, lr from the width) | 'finetune' (AdamW + cosine, lr 3e-4) |
+    # 'paper' (RMSProp-TF, step 0.97/2.4 ep)
+    preset: str = 'auto'
     opt: Optional[str] = None  # override of the preset's timm optimizer name
     # peak lr; None -> the preset's: paper 0.016; small-data from the model's width (small_data_lr:
     # 3e-3 for tf_efficientnet_b0, 6e-3 for narrow models such as test_efficientnet)
@@ -159,7 +182,7 @@ class TrainConfig:
     channels_last: bool = True
     grad_accum_steps: int = 1
     # the largest global gradient norm an optimizer step takes (torch's clip_grad_norm_); None: the
-    # preset's (PRESET_CLIP_GRAD: small-data 1.0, paper none); 0: no clipping
+    # preset's (PRESET_CLIP_GRAD: small-data and finetune 1.0, paper none); 0: no clipping
     clip_grad: Optional[float] = None
     compile: bool = False
     num_workers: Optional[int] = None
@@ -172,8 +195,9 @@ class TrainConfig:
     # labeled set's epochs are repeated (30 epochs of 100 labeled digits are 30 steps). A student step
     # of B labeled + ratio x B pseudo-labeled images counts 1 + ratio, so a student trains at least
     # its teacher's images, not 1 + ratio times them (measured on the dev tasks: on digits the
-    # students of 1,000 steps overfit their pseudo labels, see the README); 0 = off
-    min_steps: int = 1000
+    # students of 1,000 steps overfit their pseudo labels, see the README); 0 = off; None: the
+    # preset's (PRESET_MIN_STEPS: 1000 from random weights, 300 from pretrained ones)
+    min_steps: Optional[int] = None
     max_steps: Optional[int] = None  # cap for tests and smoke runs
 
 
@@ -211,11 +235,47 @@ class RunConfig:
     hub: HubConfig = field(default_factory=HubConfig)
 
 
+def preset_of(train: TrainConfig, pretrained: bool) -> str:
+    """The preset a stage trains with: train.preset, or for 'auto' the one its starting weights call for."""
+    if train.preset != 'auto':
+        return train.preset
+    return 'finetune' if pretrained else 'small-data'
+
+
+def min_steps_of(train: TrainConfig, pretrained: bool = False) -> int:
+    return train.min_steps if train.min_steps is not None else PRESET_MIN_STEPS[preset_of(train, pretrained)]
+
+
+def epochs_of(train: TrainConfig, pretrained: bool = False, student: bool = False) -> int:
+    preset = preset_of(train, pretrained)
+    if student and PRESET_STUDENT_EPOCHS[preset] is not None:
+        return PRESET_STUDENT_EPOCHS[preset]
+    return train.epochs if train.epochs is not None else PRESET_EPOCHS[preset]
+
+
+def stage_pretrained(cfg: RunConfig) -> List[bool]:
+    """Whether the teacher, then each student, starts from pretrained weights (students default to the teacher's)."""
+    teacher = bool(cfg.teacher.pretrained)
+    return [teacher] + [teacher if s.pretrained is None else bool(s.pretrained) for s in cfg.students]
+
+
 def stage_epochs(cfg: RunConfig) -> List[int]:
-    """Epochs of the teacher, then of each student, with the None fallbacks resolved."""
-    epochs = [cfg.teacher.epochs if cfg.teacher.epochs is not None else cfg.train.epochs]
-    for student in cfg.students:
-        epochs.append(student.epochs if student.epochs is not None else epochs[-1])
+    """Epochs of the teacher, then of each student, with the None fallbacks resolved.
+
+    A student without its own epochs takes its preset's student epochs (finetune: 3), else the stage's
+    before it when that trained with the same preset, else its preset's.
+    """
+    pretrained = stage_pretrained(cfg)
+    epochs = [cfg.teacher.epochs if cfg.teacher.epochs is not None else epochs_of(cfg.train, pretrained[0])]
+    for k, student in enumerate(cfg.students, start=1):
+        preset = preset_of(cfg.train, pretrained[k])
+        if PRESET_STUDENT_EPOCHS[preset] is not None:
+            default = PRESET_STUDENT_EPOCHS[preset]
+        elif preset == preset_of(cfg.train, pretrained[k - 1]):
+            default = epochs[-1]
+        else:
+            default = epochs_of(cfg.train, pretrained[k])
+        epochs.append(student.epochs if student.epochs is not None else default)
     return epochs
 
 
@@ -223,20 +283,22 @@ def epochs_note(cfg: RunConfig) -> str:
     """What ``epochs`` means for each stage of ``cfg``, as YAML comments (--print-config shows them)."""
     names = ['iter0-teacher'] + [f'iter{k}-student' for k in range(1, len(cfg.students) + 1)]
     resolved = ', '.join(f'{n} {e}' for n, e in zip(names, stage_epochs(cfg)))
+    min_steps = ', '.join(f'{n} {min_steps_of(cfg.train, p)}' for n, p in zip(names, stage_pretrained(cfg)))
     return ('# epochs: a teacher epoch is one pass over the labeled images, train.batch_size a step. A student\n'
             '# epoch is one pass over the longer of its two streams: the labeled images at batch_size a step, or\n'
             '# the pseudo-labeled images at unlabeled_ratio x batch_size a step. So a student trains at least as\n'
             '# many steps as a teacher with the same epochs, however few rows selection keeps. Every teacher\n'
-            f'# and student stage sees at least train.min_steps ({cfg.train.min_steps}) batches of batch_size images\n'
+            '# and student stage sees at least train.min_steps batches of batch_size images\n'
             '# (a student step counts 1 + unlabeled_ratio): short epochs repeat. With fewer pseudo-labeled rows\n'
             '# than unlabeled_ratio per labeled row, a step takes their share (batch_size x pseudo / labeled),\n'
             '# so a pseudo-labeled row is not seen more often than a labeled one.\n'
-            f'# resolved epochs: {resolved}')
+            f'# resolved epochs: {resolved}\n'
+            f'# resolved min_steps: {min_steps}')
 
 
-def clip_grad_of(train: TrainConfig) -> Optional[float]:
+def clip_grad_of(train: TrainConfig, pretrained: bool = False) -> Optional[float]:
     """The gradient-norm bound a stage trains with: train.clip_grad, else the preset's; None: no clipping."""
-    value = train.clip_grad if train.clip_grad is not None else PRESET_CLIP_GRAD[train.preset]
+    value = train.clip_grad if train.clip_grad is not None else PRESET_CLIP_GRAD[preset_of(train, pretrained)]
     return float(value) if value else None
 
 
@@ -244,16 +306,32 @@ def clip_note(cfg: RunConfig) -> str:
     """What train.clip_grad resolves to, as a YAML comment line ('' when it is given)."""
     if cfg.train.clip_grad is not None:
         return ''
-    bound = clip_grad_of(cfg.train)
-    return (f'# clip_grad: null -> the {cfg.train.preset} preset\'s: '
-            + (f'each step\'s global gradient norm at most {bound:g}' if bound else 'no clipping') + '; 0: no clipping\n')
+    bounds = sorted({clip_grad_of(cfg.train, p) or 0 for p in stage_pretrained(cfg)})
+    said = ', '.join(f"each step's global gradient norm at most {b:g}" if b else 'no clipping' for b in bounds)
+    return f"# clip_grad: null -> the presets': {said}; 0: no clipping\n"
+
+
+def presets_note(cfg: RunConfig) -> str:
+    """Which preset each stage trains with, and its optimizer recipe, as YAML comment lines."""
+    names = ['iter0-teacher'] + [f'iter{k}-student' for k in range(1, len(cfg.students) + 1)]
+    lines = []
+    for name, pretrained in zip(names, stage_pretrained(cfg)):
+        preset = preset_of(cfg.train, pretrained)
+        recipe = {k: v for k, v in PRESETS[preset].items() if k != 'momentum'}
+        recipe.update({k: getattr(cfg.train, k) for k in recipe if getattr(cfg.train, k, None) is not None})
+        why = f" ({'pretrained' if pretrained else 'random'} weights)" if cfg.train.preset == 'auto' else ''
+        shown = ', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in recipe.items()
+                          if v is not None)
+        lines.append(f'# {name}: preset {preset}{why}: {shown}')
+    return '\n'.join(lines) + '\n'
 
 
 def lr_note(cfg: RunConfig) -> str:
     """How each stage's peak lr is chosen, as a YAML comment line ('' when every lr is given)."""
-    if cfg.train.lr is not None or PRESETS[cfg.train.preset]['lr'] is not None:
+    if cfg.train.lr is not None:
         return ''
-    stages = [cfg.teacher] + list(cfg.students)
+    stages = [s for s, p in zip([cfg.teacher] + list(cfg.students), stage_pretrained(cfg))
+              if PRESETS[preset_of(cfg.train, p)]['lr'] is None]
     if all(s.lr is not None for s in stages):
         return ''
     return (f'# lr: null -> small-data picks each model\'s from its width: {SMALL_DATA_LR:g} x '
@@ -349,7 +427,7 @@ _RULES: Dict[str, Rule] = {
     'ema_decay': _fraction,
     'per_class': _per_class,
     'mixed_precision': _one_of(MIXED_PRECISION_CHOICES),
-    'preset': _one_of(PRESETS),
+    'preset': _one_of(PRESET_CHOICES),
     'iterate_from': _one_of(ITERATE_FROM_CHOICES),
     'student_init': _one_of(STUDENT_INIT_CHOICES),
     'seed': _within(0, 2 ** 32 - 1),  # numpy's seed range

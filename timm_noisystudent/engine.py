@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import augment
 from .config import (DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError,
-                     clip_grad_of, small_data_lr)
+                     clip_grad_of, epochs_of, min_steps_of, preset_of, small_data_lr)
 from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
 from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
@@ -77,12 +77,15 @@ class Stage:
     drop_path: float
     unlabeled_ratio: int
     opt: Dict[str, Any] = field(default_factory=dict)
+    preset: str = 'small-data'  # the recipe opt came from (config.preset_of)
 
 
 def resolve_stage(stage: ModelStage, train_cfg: TrainConfig, noise: NoiseConfig, student: bool) -> Stage:
     """Concrete settings for a stage: its own keys, then the run's, then the variant recipe."""
     recipe = ns_recipe(stage.model) if student else None
-    opt = dict(PRESETS[train_cfg.preset])
+    pretrained = bool(stage.pretrained)
+    preset = preset_of(train_cfg, pretrained)
+    opt = dict(PRESETS[preset])
     for key in ('opt', 'lr', 'weight_decay', 'momentum', 'sched', 'warmup_epochs', 'min_lr'):
         if getattr(train_cfg, key) is not None:
             opt[key] = getattr(train_cfg, key)
@@ -107,11 +110,11 @@ def resolve_stage(stage: ModelStage, train_cfg: TrainConfig, noise: NoiseConfig,
         dropout = stage.dropout if stage.dropout is not None else 0.2
         drop_path = stage.drop_path if stage.drop_path is not None else 0.0
     return Stage(
-        model=stage.model, pretrained=stage.pretrained,
-        epochs=stage.epochs if stage.epochs is not None else train_cfg.epochs,
+        model=stage.model, pretrained=pretrained,
+        epochs=stage.epochs if stage.epochs is not None else epochs_of(train_cfg, pretrained, student),
         image_size=stage.image_size, batch_size=stage.batch_size or train_cfg.batch_size,
         lr=opt.pop('lr'), randaugment=None if randaugment == 'none' else randaugment,
-        dropout=dropout, drop_path=drop_path, unlabeled_ratio=ratio, opt=opt)
+        dropout=dropout, drop_path=drop_path, unlabeled_ratio=ratio, opt=opt, preset=preset)
 
 
 class _Cycle:
@@ -410,7 +413,9 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
                        'unlabeled_ratio': spec.unlabeled_ratio,
                        # fewer pseudo rows than ratio x labeled rows shrink the pseudo share (data.pseudo_batch_size)
                        'pseudo_batch_size': rows.main_batch} if student else None,
-             'ema_decay': run.ema_decay, 'clip_grad': clip_grad_of(train_cfg), 'lr': spec.lr,
+             'ema_decay': run.ema_decay, 'clip_grad': clip_grad_of(train_cfg, spec.pretrained), 'lr': spec.lr,
+             'preset': spec.preset, 'pretrained': spec.pretrained, 'weight_decay': spec.opt.get('weight_decay'),
+             'warmup_epochs': run.warmup_epochs, 'min_steps': min_steps_of(train_cfg, spec.pretrained),
              'batch_size': spec.batch_size, 'cropped_depthwise': cropped,
              'head': 'zeros' if new_head else 'loaded',
              'eval': source_record(eval_data)}
@@ -461,14 +466,14 @@ class _Run:
         # short epochs (a small labeled set) are repeated until the stage has seen its minimum of
         # images, min_steps batches of batch_size: a student step of B labeled and ratio x B pseudo-
         # labeled images counts 1 + ratio
-        min_steps = math.ceil(train_cfg.min_steps * spec.batch_size / rows.images_per_step)
+        min_steps = math.ceil(min_steps_of(train_cfg, spec.pretrained) * spec.batch_size / rows.images_per_step)
         self.epochs = max(spec.epochs, math.ceil(min_steps / self.steps_per_epoch)) if min_steps else spec.epochs
         self.total_steps = self.steps_per_epoch * self.epochs
         if train_cfg.max_steps:
             self.total_steps = min(self.total_steps, train_cfg.max_steps)
         sched_kwargs = {k: spec.opt[k] for k in ('decay_epochs', 'decay_rate') if k in spec.opt}
         # warmup never takes more than a tenth of a short run
-        warmup = min(float(spec.opt.get('warmup_epochs', 0)), 0.1 * self.epochs)
+        warmup = self.warmup_epochs = min(float(spec.opt.get('warmup_epochs', 0)), 0.1 * self.epochs)
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=spec.opt['sched'], num_epochs=self.epochs, warmup_epochs=warmup,
             min_lr=spec.opt.get('min_lr', 0.0), warmup_lr=spec.lr * 0.01, step_on_epochs=False,
@@ -535,7 +540,7 @@ class _Run:
         accelerator, state, cfg = self.accelerator, self.state, self.cfg
         model, optimizer, main_loader = self.model, self.optimizer, self.main_loader
         side = _Cycle(self.side_loader, state['side_seen']) if self.side_loader is not None else None
-        clip = clip_grad_of(cfg)
+        clip = clip_grad_of(cfg, self.spec.pretrained)
         bar = tqdm(total=self.total_steps, initial=state['step'],
                    disable=not (self.progress and accelerator.is_main_process),
                    desc=f"{'student' if side is not None else 'teacher'} {self.spec.model}", dynamic_ncols=True,

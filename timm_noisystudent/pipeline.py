@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .config import (ModelStage, RunConfig, UserError, clip_grad_of, config_from_dict, config_hash, config_to_dict,
-                     stage_epochs)
+                     stage_epochs, stage_pretrained)
 from .files import output_lock, save_config, save_figure, text_table, write_json_atomic, write_text_atomic
 from .data import check_output_outside, sources_of_run
 from .engine import check_trackers, train
@@ -184,6 +184,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
             print(text, flush=True)
 
     epochs = stage_epochs(cfg)
+    pretrained = stage_pretrained(cfg)
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     flags: List[str] = []
@@ -196,7 +197,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
         rows.append(row)
         return row
 
-    teacher_stage = replace(cfg.teacher, epochs=epochs[0])
+    teacher_stage = replace(cfg.teacher, epochs=epochs[0], pretrained=pretrained[0])
     best = last = stage(
         out / 'iter0-teacher', 'iter0-teacher', cfg.teacher.model, None,
         lambda d: train(teacher_stage, cfg.labeled, d, eval_data=cfg.eval, train_cfg=cfg.train, noise=cfg.noise,
@@ -234,7 +235,8 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
 
         # a student without its own image_size trains at the resolution the run chose before it
         size = student.image_size if student.image_size is not None else _previous_size(cfg, k)
-        student_stage = replace(student, epochs=epochs[k], image_size=size)
+        # a student starts from pretrained weights, its own or its teacher's, when the run's do (stage_pretrained)
+        student_stage = replace(student, epochs=epochs[k], image_size=size, pretrained=pretrained[k])
         name = f'iter{k}-student'
         small = _warn_small_student(teacher_name, student.model)
         if small and not is_done(out / name):
