@@ -44,7 +44,7 @@ def test_help_defaults_are_the_config_defaults(sub, config):
             assert float(said) == float(fields[action.dest]), f'{sub} {action.option_strings[0]}: says {said}'
             checked += 1
     if config is not NoiseConfig:  # noise defaults come from the recipes, not numbers
-        assert checked >= 3
+        assert checked >= 2
 
 
 def test_train_epochs_help_says_the_real_default():

@@ -328,7 +328,7 @@ def test_choice_errors_list_the_choices_and_suggest():
     message = _error(_with(train={'mixed_precision': 'bf61'}))
     assert message == ("train.mixed_precision must be one of 'auto', 'bf16', 'fp16', 'no', "
                        "got 'bf61'; did you mean 'bf16'?")
-    assert "'small-data', 'paper'" in _error(_with(train={'preset': 'fast'}))
+    assert "'auto', 'small-data', 'finetune', 'paper'" in _error(_with(train={'preset': 'fast'}))
 
 
 @pytest.mark.parametrize('sections', [

@@ -57,10 +57,10 @@ def test_a_missing_or_unknown_description_is_named(render):
 
 
 def test_config_md_gives_the_dataclass_defaults(render):
-    from timm_noisystudent.config import DEFAULT_EPOCHS, TrainConfig
     text = render.config_md()
-    assert f'| `train.epochs` | int | `{DEFAULT_EPOCHS}` |' in text
-    assert f'| `train.min_steps` | int | `{TrainConfig.min_steps}` |' in text
+    # null: the preset's (config.PRESET_EPOCHS, PRESET_MIN_STEPS), which the descriptions give
+    assert '| `train.epochs` | int | `null` |' in text and '| `train.min_steps` | int | `null` |' in text
+    assert '| `train.preset` | string | `auto` |' in text
     assert '| `labeled.path` | string | required |' in text
 
 
