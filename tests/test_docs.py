@@ -59,7 +59,7 @@ def test_a_missing_or_unknown_description_is_named(render):
 def test_config_md_gives_the_dataclass_defaults(render):
     text = render.config_md()
     # null: the preset's (config.PRESET_EPOCHS, PRESET_MIN_STEPS), which the descriptions give
-    assert '| `train.epochs` | int | `null` |' in text and '| `train.min_steps` | int | `null` |' in text
+    assert '| `train.epochs` | int or null | `null` |' in text and '| `train.min_steps` | int or null | `null` |' in text
     assert '| `train.preset` | string | `auto` |' in text
     assert '| `labeled.path` | string | required |' in text
 

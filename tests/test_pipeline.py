@@ -259,3 +259,33 @@ def test_demo_config_is_a_valid_run(tmp_path):
     assert stage_names(cfg) == STAGES
     assert cfg.teacher.image_size == 32 and all(s.model == cfg.teacher.model for s in cfg.students)
     assert timm.is_model(cfg.teacher.model)  # a real timm architecture, created without weights
+
+
+def test_the_plan_gives_each_stage_its_steps_before_the_run_and_the_teacher_trains_them(data_root, tmp_path,
+                                                                                         capsys):
+    from timm_noisystudent.config import config_from_dict
+    from timm_noisystudent.pipeline import plan
+    from timm_noisystudent.rundir import stage_names
+
+    cfg = _config(data_root, tmp_path / 'run')
+    cfg['train'] = {**cfg['train'], 'max_steps': None, 'min_steps': 20}
+    cfg['students'] = [{'model': 'test_efficientnet', 'epochs': 1}]
+    stages = plan(config_from_dict(cfg), stage_names(config_from_dict(cfg)))
+    assert [s['stage'] for s in stages] == ['iter0-teacher', 'iter1-labels', 'iter1-student']
+    # 50 labeled at 8 a step: 6 steps an epoch, 2 epochs repeated to 4 for min_steps 20 (24 steps)
+    assert (stages[0]['steps'], stages[0]['images_per_step'], stages[0]['preset']) == (24, 8, 'small-data')
+    # 160 unlabeled stand in for the pseudo rows: 16 a step beside 8 labeled, 10 steps an epoch
+    assert (stages[2]['steps'], stages[2]['images_per_step'], stages[2]['estimated_rows']) == (10, 24, True)
+    assert stages[1]['images'] == 160 and all(s['seconds'] > 0 for s in stages)
+
+    cfg['students'] = []
+    summary = run(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert summary['stages'][0]['steps'] == 24
+    lines = out.splitlines()
+    assert lines[0].startswith('plan (compute time measured on this machine')
+    assert lines[1].startswith('  iter0-teacher: test_efficientnet at 32 px, preset small-data: 24 steps of 8 images')
+    assert lines[2].startswith('  total: about ')
+    # the stage's own line says where its steps come from
+    assert ('teacher test_efficientnet: 24 steps of 8 images (2 epochs of 6 steps, repeated to 4 because '
+            'train.min_steps is 20 (--min-steps 0 turns it off)), preset small-data, lr 0.006; about') in out

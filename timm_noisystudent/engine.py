@@ -5,8 +5,9 @@ distributed detail is one Accelerate call. A teacher trains on labeled images wi
 a student (``pseudo`` given) trains noised on one concatenated batch of B labeled and
 ratio*B pseudo-labeled images, so BatchNorm sees the mix.
 """
-import json
 import difflib
+import functools
+import json
 import math
 import os
 import shutil
@@ -14,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,8 @@ from .runtime import (
     resolve_precision, torch_threads,
 )
 from .models import (
-    classifier_width, crop_small_map_depthwise, data_config_of, label_names_of as model_label_names, load_model,
+    architecture_of, classifier_width, crop_small_map_depthwise, data_config_of, label_names_of as model_label_names,
+    load_model,
     ns_recipe, save_model,
     small_input_warning, small_map_depthwise_pays, zero_new_head,
 )
@@ -402,6 +404,9 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     run = _Run(accelerator, model, optimizer, main_loader, side_loader, eval_batches, spec, train_cfg, rows,
                num_classes, output, progress)
     run.restore(resume)
+    if accelerator.is_main_process and run.state['step'] < run.total_steps:
+        _announce(run, spec, train_cfg, rows.images_per_step, student,
+                  'no' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision)
     # checkpointed with the step, for a resumption
     run.state.update(num_workers=num_workers, workers_machine=_workers_machine(accelerator.device))
     run.loop(max(w or 0 for w in workers.values()))
@@ -427,6 +432,82 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
     if train_cfg.log_with:
         accelerator.end_training()
     return final
+
+
+def schedule(steps_per_epoch: int, spec: Stage, train_cfg: TrainConfig, images_per_step: int) -> Tuple[int, int]:
+    """A stage's (epochs, steps). Short epochs (a small labeled set) repeat until the stage has seen
+    its minimum of images, min_steps batches of batch_size: a student step of B labeled and ratio x B
+    pseudo-labeled images counts 1 + ratio."""
+    min_batches = math.ceil(min_steps_of(train_cfg, spec.pretrained) * spec.batch_size / images_per_step)
+    epochs = max(spec.epochs, math.ceil(min_batches / steps_per_epoch)) if min_batches else spec.epochs
+    steps = steps_per_epoch * epochs
+    return epochs, min(steps, train_cfg.max_steps) if train_cfg.max_steps else steps
+
+
+def schedule_note(steps_per_epoch: int, spec: Stage, train_cfg: TrainConfig, images_per_step: int) -> str:
+    """How a stage's steps follow from its epochs, min_steps and max_steps, in words."""
+    epochs, steps = schedule(steps_per_epoch, spec, train_cfg, images_per_step)
+    note = f'{spec.epochs} epochs of {steps_per_epoch} steps'
+    if epochs > spec.epochs:
+        note += (f', repeated to {epochs} because train.min_steps is {min_steps_of(train_cfg, spec.pretrained)}'
+                 ' (--min-steps 0 turns it off)')
+    if train_cfg.max_steps and steps < steps_per_epoch * epochs:
+        note += f', cut at train.max_steps {train_cfg.max_steps}'
+    return note
+
+
+@functools.lru_cache(maxsize=32)  # a run's plan and its stages' announcements measure each shape once
+def seconds_per_step(model: str, image_size: Optional[int], images: int, precision: str, channels_last: bool,
+                     repeats: int = 2) -> Optional[float]:
+    """A training step's compute time for ``images`` inputs, measured on random weights and inputs.
+
+    Data loading is not counted. None when the architecture is not known without a download.
+    """
+    import timm
+    arch = architecture_of(model)
+    if arch is None or not timm.is_model(arch):
+        return None
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    net = timm.create_model(arch, pretrained=False, num_classes=10)
+    size = image_size or data_config_of(net)['input_size'][-1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(device, memory_format=fmt).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(images, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (images,), device=device)
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+    times = []
+    for _ in range(repeats + 1):  # the first step warms up the allocator and the kernels
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return 'unknown'
+    if seconds < 90:
+        return f'{seconds:.0f} s'
+    return f'{seconds / 60:.0f} min' if seconds < 5400 else f'{seconds / 3600:.1f} h'
+
+
+def _announce(run, spec: Stage, train_cfg: TrainConfig, images_per_step: int, student: bool, precision: str) -> None:
+    """One line before a stage trains: its steps, where they come from, and how long they should take."""
+    left = run.total_steps - run.state['step']
+    per_step = seconds_per_step(spec.model, spec.image_size, images_per_step, precision, train_cfg.channels_last)
+    took = f'about {duration(left * per_step)} ({per_step:.2f} s a step, measured; data loading adds to it)' \
+        if per_step is not None else 'duration unknown'
+    done = f', {run.state["step"]} done' if run.state['step'] else ''
+    print(f"{'student' if student else 'teacher'} {spec.model}: {run.total_steps} steps of {images_per_step} images "
+          f"({schedule_note(run.steps_per_epoch, spec, train_cfg, images_per_step)}{done}), preset {spec.preset}, "
+          f'lr {spec.lr:g}; {took}', flush=True)
 
 
 # torch's Adam/AdamW in one fused kernel (CPU and CUDA): B0 at 32 px, batch 64, 2 cores, a step of
@@ -463,14 +544,7 @@ class _Run:
         self.output, self.progress, self.ckpt_root = output, progress, output / 'checkpoints'
         self.steps_per_epoch = len(main_loader)
         updates_per_epoch = math.ceil(self.steps_per_epoch / train_cfg.grad_accum_steps)
-        # short epochs (a small labeled set) are repeated until the stage has seen its minimum of
-        # images, min_steps batches of batch_size: a student step of B labeled and ratio x B pseudo-
-        # labeled images counts 1 + ratio
-        min_steps = math.ceil(min_steps_of(train_cfg, spec.pretrained) * spec.batch_size / rows.images_per_step)
-        self.epochs = max(spec.epochs, math.ceil(min_steps / self.steps_per_epoch)) if min_steps else spec.epochs
-        self.total_steps = self.steps_per_epoch * self.epochs
-        if train_cfg.max_steps:
-            self.total_steps = min(self.total_steps, train_cfg.max_steps)
+        self.epochs, self.total_steps = schedule(self.steps_per_epoch, spec, train_cfg, rows.images_per_step)
         sched_kwargs = {k: spec.opt[k] for k in ('decay_epochs', 'decay_rate') if k in spec.opt}
         # warmup never takes more than a tenth of a short run
         warmup = self.warmup_epochs = min(float(spec.opt.get('warmup_epochs', 0)), 0.1 * self.epochs)

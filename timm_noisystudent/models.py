@@ -184,9 +184,13 @@ def ns_recipe(model_name: str) -> Optional[NSRecipe]:
 def architecture_of(spec: Union[str, os.PathLike]) -> Optional[str]:
     """The timm architecture a model spec builds (an NS variant counts as its base), or None if unknown.
 
-    A local model directory says it in its config.json; an ``hf-hub:`` id is not looked up.
+    A local model directory (``local-dir:`` or a plain path) says it in its config.json; an ``hf-hub:``
+    id is not looked up.
     """
-    path = Path(os.fspath(spec))
+    spec = os.fspath(spec)
+    path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
+    if spec.startswith('local-dir:') and not is_model_dir(path):
+        return None
     if is_model_dir(path):
         try:
             name = json.loads((path / 'config.json').read_text()).get('architecture')

@@ -6,6 +6,7 @@ unfinished one. Each stage records a hash of the config it depends on, chained t
 stages before it, so a changed setting cannot silently mix with stale results.
 """
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -16,8 +17,8 @@ from typing import Any, Dict, List, Optional, Union
 from .config import (ModelStage, RunConfig, UserError, clip_grad_of, config_from_dict, config_hash, config_to_dict,
                      stage_epochs, stage_pretrained)
 from .files import output_lock, save_config, save_figure, text_table, write_json_atomic, write_text_atomic
-from .data import check_output_outside, sources_of_run
-from .engine import check_trackers, train
+from .data import check_output_outside, load_source, pseudo_batch_size, sources_of_run
+from .engine import check_trackers, duration, resolve_stage, schedule, seconds_per_step, train
 from .rundir import (
     check_run_output, check_stages, is_done, mark_done, remove_leftovers, stage_kind, stage_names, start_stage,
 )
@@ -185,6 +186,9 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
 
     epochs = stage_epochs(cfg)
     pretrained = stage_pretrained(cfg)
+    if state.is_main_process and echo:
+        for line in plan_lines(cfg, [n for n in names if not is_done(out / n)]):
+            print(line, flush=True)
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     flags: List[str] = []
@@ -297,6 +301,93 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
             url = push(out / 'final', cfg.hub.repo_id, private=cfg.hub.private)
             say(f'pushed: {url}')
     return summary
+
+
+def _rows(source) -> Optional[int]:
+    try:
+        return len(load_source(source))
+    except TypeError:  # a stream has no length
+        return None
+
+
+def _steps_per_epoch(rows: int, batch: int) -> int:
+    return rows // batch if rows > batch else 1  # the loaders drop a last partial batch
+
+
+def plan(cfg: RunConfig, todo: List[str]) -> List[Dict[str, Any]]:
+    """Each stage still to run: its steps and an estimate of its seconds from a measured step time.
+
+    A student's pseudo-labeled rows are not known before its labels exist: the unlabeled set's size
+    stands in for them.
+    """
+    from .runtime import resolve_precision
+
+    labeled, unlabeled = _rows(cfg.labeled), _rows(cfg.unlabeled)
+    evals = _rows(cfg.eval) if cfg.eval is not None else 0
+    precision = resolve_precision(cfg.train.mixed_precision, 'train')
+    epochs, pretrained = stage_epochs(cfg), stage_pretrained(cfg)
+    out, size, last_per_image = [], cfg.teacher.image_size, None
+    for k, stage in enumerate([cfg.teacher] + list(cfg.students)):
+        size = stage.image_size if stage.image_size is not None else size
+        spec = resolve_stage(replace(stage, epochs=epochs[k], image_size=size, pretrained=pretrained[k]),
+                             cfg.train, cfg.noise, student=k > 0)
+        name = f'iter{k}-student' if k else 'iter0-teacher'
+        per_step = per_image = None
+        if k == 0:
+            images, spe = spec.batch_size, _steps_per_epoch(labeled, spec.batch_size)
+        else:
+            pseudo = unlabeled or labeled
+            pb = pseudo_batch_size(spec.batch_size, spec.unlabeled_ratio, pseudo, labeled)
+            images = spec.batch_size + pb
+            spe = max(_steps_per_epoch(pseudo, pb), math.ceil(labeled / spec.batch_size))
+        if name in todo or f'iter{k + 1}-labels' in todo:  # this stage trains, or its model labels the next
+            per_step = seconds_per_step(spec.model, spec.image_size, images, precision, cfg.train.channels_last)
+            per_image = per_step / images / 3 if per_step is not None else None  # a forward is about a third
+        if k and f'iter{k}-labels' in todo:
+            labels_s = unlabeled * last_per_image if unlabeled and last_per_image is not None else None
+            out.append({'stage': f'iter{k}-labels', 'images': unlabeled, 'seconds': labels_s})
+        if name in todo:
+            stage_epochs_, steps = schedule(spe, spec, cfg.train, images)
+            seconds = None
+            if per_step is not None:
+                n_evals = min(stage_epochs_, 10) + 1
+                seconds = steps * per_step + n_evals * (evals or 0) * per_image
+            out.append({'stage': name, 'model': spec.model, 'preset': spec.preset, 'lr': spec.lr, 'steps': steps,
+                        'images_per_step': images, 'image_size': spec.image_size, 'seconds': seconds,
+                        'seconds_per_step': per_step, 'estimated_rows': k > 0})
+        last_per_image = per_image
+    return out
+
+
+def plan_lines(cfg: RunConfig, todo: List[str]) -> List[str]:
+    """The plan as the lines a run prints before it starts."""
+    stages = plan(cfg, todo)
+    if not stages:
+        return []
+    lines = ['plan (compute time measured on this machine with random weights; data loading adds to it):']
+    for s in stages:
+        if 'model' not in s:
+            lines.append(f"  {s['stage']}: label {s['images'] if s['images'] is not None else 'a stream of'} images, "
+                         f"{_about(s['seconds'])}")
+            continue
+        lr = f", lr {s['lr']:g}" if s['lr'] is not None else ''
+        rows = ' (pseudo-labeled rows taken as the unlabeled set\'s size)' if s['estimated_rows'] else ''
+        lines.append(f"  {s['stage']}: {_short(s['model'])} at {s['image_size'] or 'its own size'} px, preset "
+                     f"{s['preset']}{lr}: {s['steps']} steps of {s['images_per_step']} images{rows}, "
+                     f"{_about(s['seconds'])}")
+    known = [s['seconds'] for s in stages]
+    total = sum(known) if all(t is not None for t in known) else None
+    lines.append(f'  total: {_about(total)}' + ('' if total is not None else ' (a model is not known here)'))
+    return lines
+
+
+def _short(model: str) -> str:
+    """A model as the plan names it: a directory by its name, anything else as given."""
+    return Path(model[len('local-dir:'):]).name if model.startswith('local-dir:') else model
+
+
+def _about(seconds: Optional[float]) -> str:
+    return f'about {duration(seconds)}' if seconds is not None else 'duration unknown'
 
 
 @contextmanager
