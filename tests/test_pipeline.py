@@ -289,3 +289,29 @@ def test_the_plan_gives_each_stage_its_steps_before_the_run_and_the_teacher_trai
     # the stage's own line says where its steps come from
     assert ('teacher test_efficientnet: 24 steps of 8 images (2 epochs of 6 steps, repeated to 4 because '
             'train.min_steps is 20 (--min-steps 0 turns it off)), preset small-data, lr 0.006; about') in out
+
+
+def test_each_stage_says_its_result_and_a_rerun_keeps_every_note_and_says_what_to_do_next(data_root, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / 'run'
+    cfg = _config(data_root, out)
+    cfg['students'] = cfg['students'][:1]
+    summary = run(cfg, progress=False)
+    said = capsys.readouterr().out.splitlines()
+    teacher = [line for line in said if line.startswith('iter0-teacher: top-1 ')]
+    labels = [line for line in said if line.startswith('iter1-labels: kept ')]
+    student = [line for line in said if line.startswith('iter1-student: top-1 ')]
+    assert len(teacher) == len(labels) == len(student) == 1, said
+    assert teacher[0].endswith(' s') and ', 3 steps in ' in teacher[0]
+    assert 'pseudo-labeled rows of 160 images labeled' in labels[0]
+    # the 32 px warning comes from every stage, and is noted and said once a run
+    assert sum('downsamples 32x' in n for n in summary['notes']) == 1
+    assert sum('downsamples 32x' in line for line in said) == 1
+
+    again = run(cfg, progress=False)
+    said = capsys.readouterr().out
+    assert again['notes'] == summary['notes']
+    assert json.loads((out / 'summary.json').read_text())['notes'] == summary['notes']
+    assert all(f'{name}: done, skipped' in said for name in STAGES[:3])
+    assert f"load it: timm.create_model('local-dir:{out / 'final'}', pretrained=True)" in said
+    assert f'push it: noisystudent push {out} --repo-id ORG/NAME' in said

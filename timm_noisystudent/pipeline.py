@@ -20,7 +20,8 @@ from .files import output_lock, save_config, save_figure, text_table, write_json
 from .data import check_output_outside, load_source, pseudo_batch_size, sources_of_run
 from .engine import check_trackers, duration, resolve_stage, schedule, seconds_per_step, train
 from .rundir import (
-    check_run_output, check_stages, is_done, mark_done, remove_leftovers, stage_kind, stage_names, start_stage,
+    check_run_output, check_stages, is_done, mark_done, read_json, remove_leftovers, stage_kind, stage_names,
+    start_stage,
 )
 from .runtime import Preempted, process_state
 from .labeling import label
@@ -192,8 +193,14 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     flags: List[str] = []
+    earlier = run_notes(out)  # a finished stage is skipped on a rerun; its notes stay in the summary
+
+    def keep_notes(name: str) -> None:
+        notes.extend(n for n in earlier if n.startswith(f'{name}: ') and n not in notes)
 
     def stage(stage_dir: Path, name: str, model: str, teacher: Optional[str], fn) -> Dict[str, Any]:
+        if is_done(stage_dir):
+            keep_notes(name)
         with _noted(name, notes, say):
             row = _run_train_stage(stage_dir, hashes[name], say, name, model, teacher, fn)
         val = _validation(stage_dir, cfg) if cfg.validation is not None else None
@@ -219,6 +226,7 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
         if is_done(labels_dir):
             stats = json.loads((labels_dir / 'stats.json').read_text())
             say(f'{name}: done, skipped')
+            keep_notes(name)
         else:
             say(f"{name}: labeling {cfg.unlabeled.path} with {source['stage']} ({teacher_name})")
             start_stage(labels_dir, hashes[name])
@@ -231,6 +239,8 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
             if state.is_main_process:
                 mark_done(labels_dir, {'stage': name, 'rows': stats.get('rows_after'), 'teacher': source['stage']})
             state.wait_for_everyone()
+            say(f"{name}: kept {stats.get('rows_after')} pseudo-labeled rows of {stats.get('rows_labeled')} images "
+                f"labeled, in {_number(stats.get('seconds'), 1)} s")
         rows.append(_labels_row(name, stats, teacher_name, source['stage']))
         few = _few_unlabeled(stats, rows[0]) if k == 1 else None
         if few:
@@ -300,6 +310,9 @@ def _run(cfg: RunConfig, out: Path, state, restart_from: Optional[str], progress
         if state.is_main_process:
             url = push(out / 'final', cfg.hub.repo_id, private=cfg.hub.private)
             say(f'pushed: {url}')
+    else:
+        say(f"load it: timm.create_model('local-dir:{out / 'final'}', pretrained=True)")
+        say(f'push it: noisystudent push {out} --repo-id ORG/NAME')
     return summary
 
 
@@ -390,6 +403,13 @@ def _about(seconds: Optional[float]) -> str:
     return f'about {duration(seconds)}' if seconds is not None else 'duration unknown'
 
 
+def run_notes(out: Path) -> List[str]:
+    """The notes of the summary a run directory holds from an earlier run of it."""
+    summary = read_json(out / 'summary.json')
+    notes = summary.get('notes') if isinstance(summary, dict) else None
+    return [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
+
+
 @contextmanager
 def _noted(name: str, notes: List[str], say):
     """Warnings raised inside a stage go into the summary's notes and are printed once."""
@@ -397,7 +417,8 @@ def _noted(name: str, notes: List[str], say):
         warnings.simplefilter('always')
         yield
     for w in caught:
-        if issubclass(w.category, UserWarning) and f'{name}: {w.message}' not in notes:
+        # the same warning from several stages (a small image size) is noted and said once a run
+        if issubclass(w.category, UserWarning) and not any(n.endswith(f': {w.message}') for n in notes):
             notes.append(f'{name}: {w.message}')
             say(f'warning: {w.message}')
 
@@ -470,6 +491,8 @@ def _run_train_stage(stage_dir: Path, hash_: str, say, name: str, model: str, te
         if process_state().is_main_process:
             mark_done(stage_dir, {'stage': name, 'top1': metrics.get('top1')})
         process_state().wait_for_everyone()
+        say(f"{name}: top-1 {_number(metrics.get('top1'))}, {metrics.get('step')} steps in "
+            f"{_number(metrics.get('seconds'), 1)} s")
     return _train_row(name, metrics, model, teacher)
 
 
