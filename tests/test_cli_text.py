@@ -76,3 +76,29 @@ def test_predict_prints_a_header_row(tmp_path, capsys):
     assert len(lines) == 1 + 2 * 2
     assert lines[1].startswith(str(img)) and lines[1].split()[1] == '1' and '%' in lines[1]
     assert lines[2].split()[0] == '2'  # the image is named on its first row only
+
+
+def test_progress_bars_in_a_log_write_at_most_a_line_a_minute_and_nothing_for_a_short_step():
+    from timm_noisystudent.runtime import progress_bar
+    import sys
+    assert not sys.stderr.isatty()  # pytest captures it, as a log file would
+    bar = progress_bar(total=3)
+    assert (bar.mininterval, bar.delay) == (60.0, 1.0)
+    bar.close()
+
+
+def test_no_progress_silences_train_label_and_eval(tmp_path, capsys):
+    from timm_noisystudent.demo import write_demo_data
+    root = tmp_path / 'data'
+    write_demo_data(root, per_class=2, n_test=10)
+    common = ['--num-workers', '0', '--mixed-precision', 'no', '--no-progress']
+    assert main(['train', '--data', str(root / 'labeled'), '--model', 'test_efficientnet', '--image-size', '32',
+                 '--epochs', '1', '--batch-size', '8', '--min-steps', '0', '--output', str(tmp_path / 't'),
+                 *common]) == 0
+    assert main(['label', '--teacher', str(tmp_path / 't' / 'model'), '--data', str(root / 'unlabeled'),
+                 '--output', str(tmp_path / 'l'), '--threshold', '0', *common]) == 0
+    assert main(['eval', '--model', str(tmp_path / 't' / 'model'), '--data', str(root / 'labeled'), '--no-progress']) == 0, \
+        capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert '\r' not in err and 'it/s' not in err and 'files/s' not in err and 'examples/s' not in err, err[-2000:]
+    assert 'training img/s over the stage, evaluations included' in out

@@ -133,14 +133,23 @@ def _cmd_train(args) -> None:
             stage, _source(args.data, args.split, args.image_column, args.label_column), args.output,
             eval_data=eval_data, pseudo=args.pseudo, unlabeled=unlabeled, train_cfg=train_cfg, noise=noise,
             seed=args.seed, resume=args.resume, freeze_blocks=args.freeze_blocks, allow_pickle=args.allow_pickle,
-            init_from=args.init_from)
+            init_from=args.init_from, progress=_progress(args))
     except Preempted as e:
         again = 'again' if args.resume else 'again with --resume'
         raise Preempted(f'{e} Run the same command {again} to continue.', e.signal) from None
     top1 = '-' if metrics['top1'] is None else f"{metrics['top1']:.2f}"
     top5 = '-' if metrics['top5'] is None else f"{metrics['top5']:.2f}"
     _print_main(f"{'student' if args.pseudo else 'teacher'} {metrics['model']}: top-1 {top1}  top-5 {top5}  "
-                f"({metrics['img_per_s']:.1f} img/s) -> {args.output}/model")
+                f"({metrics['img_per_s']:.1f} training img/s over the stage, evaluations included) "
+                f"-> {args.output}/model")
+
+
+def _progress(args) -> bool:
+    """Whether bars show; --no-progress also turns off datasets' own bars for the command."""
+    if args.no_progress:
+        import datasets
+        datasets.disable_progress_bars()
+    return not args.no_progress
 
 
 def _cmd_eval(args) -> None:
@@ -148,6 +157,7 @@ def _cmd_eval(args) -> None:
 
     _at_least(args, 1, 'batch_size', 'image_size')
     _at_least(args, 0, 'num_workers')
+    _progress(args)
     metrics = evaluate_model(args.model, _source(args.data, args.split, args.image_column, args.label_column),
                              batch_size=args.batch_size, image_size=args.image_size,
                              mixed_precision=args.mixed_precision, num_workers=args.num_workers,
@@ -179,7 +189,8 @@ def _cmd_label(args) -> None:
         source.streaming = True
     try:
         stats = label(args.teacher, source, args.output, cfg, seed=args.seed, num_workers=args.num_workers,
-                      image_size=args.image_size, rows_per_shard=args.rows_per_shard, allow_pickle=args.allow_pickle)
+                      image_size=args.image_size, rows_per_shard=args.rows_per_shard, allow_pickle=args.allow_pickle,
+                      progress=_progress(args))
     except Preempted as e:
         raise Preempted(f'{e} Run the same command again to continue.', e.signal) from None
     target = 'no balancing' if stats['per_class_target'] is None else f"{stats['per_class_target']} per class"
@@ -323,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_predict)
 
     p = sub.add_parser('train', help='train a teacher, or a noised student with --pseudo')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
     _add_data_args(p)
     p.add_argument('--eval-data', help='labeled dataset to evaluate on after each epoch')
     p.add_argument('--eval-split', help='default: train for a local folder, test for a Hub dataset')
@@ -379,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser('label', help='pseudo-label an unlabeled set with a teacher, then select by confidence and class')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
     p.add_argument('--teacher', '-m', required=True, help='timm name, hf-hub:org/name or a local model directory')
     p.add_argument('--data', required=True, help='unlabeled dataset: Hub id, image folder, parquet dir or save_to_disk dir')
     p.add_argument('--split', default='train', help='split, slicing allowed: train[:10%%]')
@@ -459,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser('eval', help='top-1 and top-5 of a model on a labeled split')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
     p.add_argument('--model', '-m', required=True, help='timm name, hf-hub:org/name or a local model directory')
     _add_data_args(p)
     p.set_defaults(split=None)

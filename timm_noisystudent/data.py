@@ -30,6 +30,7 @@ from PIL import Image
 
 from .config import DataSource, UserError
 from .rundir import labels_files
+from .runtime import progress_bar
 
 IMAGE_COLUMNS = ('image', 'img', 'pixel_values')
 LABEL_COLUMNS = ('label', 'labels', 'fine_label')
@@ -165,15 +166,14 @@ def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
     comes from the parent folder names when there are two or more at one depth. Raises
     ``_NotPlain`` for folders that ``datasets`` reads in other ways (metadata files, split names).
     """
-    from tqdm.auto import tqdm
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
     metadata = set(getattr(ImageFolder, 'METADATA_FILENAMES', ('metadata.csv', 'metadata.jsonl', 'metadata.parquet')))
     root = root.resolve()
     paths: List[str] = []
-    bar = tqdm(desc=f'indexing {root.name}', unit='files', leave=False, dynamic_ncols=True,
-               disable=not (progress and datasets.is_progress_bar_enabled()))  # --no-progress turns datasets' off
+    bar = progress_bar(desc=f'indexing {root.name}', unit='files',
+                       disable=not (progress and datasets.is_progress_bar_enabled()))  # --no-progress: datasets' off
     try:
         stack = [(str(root), 0)]
         while stack:

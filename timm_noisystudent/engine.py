@@ -27,7 +27,6 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from tqdm.auto import tqdm
 
 from . import augment
 from .config import (DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError,
@@ -37,7 +36,7 @@ from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
 )
 from .runtime import (
-    Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
+    Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state, progress_bar,
     resolve_precision, torch_threads,
 )
 from .models import (
@@ -615,10 +614,9 @@ class _Run:
         model, optimizer, main_loader = self.model, self.optimizer, self.main_loader
         side = _Cycle(self.side_loader, state['side_seen']) if self.side_loader is not None else None
         clip = clip_grad_of(cfg, self.spec.pretrained)
-        bar = tqdm(total=self.total_steps, initial=state['step'],
-                   disable=not (self.progress and accelerator.is_main_process),
-                   desc=f"{'student' if side is not None else 'teacher'} {self.spec.model}", dynamic_ncols=True,
-                   leave=False)
+        bar = progress_bar(total=self.total_steps, initial=state['step'],
+                           disable=not (self.progress and accelerator.is_main_process),
+                           desc=f"{'student' if side is not None else 'teacher'} {self.spec.model}")
         t_start = time.perf_counter() - state['seconds']
         window_t, window_imgs = time.perf_counter(), 0
         saved_at = state['step']

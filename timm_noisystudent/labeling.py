@@ -39,7 +39,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
-from tqdm.auto import tqdm
 
 from .config import DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError
 from .files import atomic_path, output_lock, remove_tree, replace_dir, save_figure, write_json_atomic
@@ -48,7 +47,7 @@ from .data import (
     check_output_outside, load_source, source_identity, source_record, undecoded,
 )
 from .runtime import (
-    Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state,
+    Preempted, StopFlag, choose_workers, cpu_threads, make_accelerator, num_workers_for, process_state, progress_bar,
     resolve_precision, torch_threads,
 )
 from .models import data_config_of, fold_batchnorm, label_names_of, load_model
@@ -636,8 +635,8 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
                               accelerator.device, train=False,
                               autocast=torch.bfloat16 if precision == 'bf16' else None, batch_size=cfg.batch_size))
     desc = f'labeling ({world} processes)' if world > 1 else 'labeling'
-    bar = tqdm(total=_rows_of_process(num_rows, streaming, rows_per_shard, rank, world),
-               disable=not (progress and main), desc=desc, unit='img', dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=_rows_of_process(num_rows, streaming, rows_per_shard, rank, world),
+                       disable=not (progress and main), desc=desc, unit='img')
     if not streaming:
         bar.update(sum(e - s for s, e in _map_shards(num_rows, rows_per_shard, rank, world)
                        if _map_shard_path(raw, s, e).exists()))

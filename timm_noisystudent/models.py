@@ -489,7 +489,7 @@ def small_input_warning(model: torch.nn.Module, name: str, image_size: int) -> O
     reduction = int(model.feature_info[-1]['reduction'])
     return (f'{name} downsamples {reduction}x, so {image_size} px inputs end in a 1x1 feature map and most of the '
             f'network sees no spatial detail; a larger image_size (at least {2 * reduction}) or a model with less '
-            'downsampling usually trains better (see the README, "Small images").')
+            'downsampling usually trains better (see docs/how-it-works.md, "Small images").')
 
 
 class _SmallMapDepthwise(torch.nn.Conv2d):
