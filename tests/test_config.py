@@ -103,7 +103,7 @@ def test_defaults():
 def test_the_finetune_recipe_and_budget_are_pinned():
     # stages that start from pretrained weights: a tenth of the from-scratch lr and budget (measured on
     # the pretrained dev tasks: docs/how-it-works.md, docs/results.md)
-    assert C.PRESETS['finetune'] == dict(opt='adamw', lr=3e-4, weight_decay=0.05, sched='cosine',
+    assert C.PRESETS['finetune'] == dict(opt='adamw', lr=1e-3, weight_decay=0.05, sched='cosine',
                                          warmup_epochs=1.0, min_lr=1e-6, momentum=0.9)
     assert (C.PRESET_EPOCHS['finetune'], C.PRESET_STUDENT_EPOCHS['finetune'], C.PRESET_MIN_STEPS['finetune'],
             C.PRESET_CLIP_GRAD['finetune']) == (5, 3, 300, 1.0)
@@ -121,7 +121,7 @@ def test_auto_picks_finetune_for_pretrained_stages_and_students_inherit_the_teac
     assert stage_epochs(cfg) == [5, 3, 3, 60]
     assert C.min_steps_of(cfg.train, True) == 300 and C.min_steps_of(cfg.train, False) == 1000
     note = C.presets_note(cfg)
-    assert '# iter0-teacher: preset finetune (pretrained weights): opt adamw, lr 0.0003' in note
+    assert '# iter0-teacher: preset finetune (pretrained weights): opt adamw, lr 0.001' in note
     assert '# iter3-student: preset small-data (random weights)' in note
     # an explicit preset applies to every stage, and explicit budgets win
     forced = config_from_dict(_with(teacher={'pretrained': True}, train={'preset': 'small-data', 'min_steps': 7}))
