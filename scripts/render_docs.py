@@ -424,10 +424,13 @@ def _meta_line(r, commit: bool = True) -> str:
 def results_md(results) -> str:
     lines = [GENERATED.format(source='results/*.json'), '', '# Results', '',
              '`python scripts/results.py` runs the loop with its defaults on the development tasks and, for '
-             'each, a same-budget supervised baseline: the teacher\'s settings on the labeled data alone, for as '
-             'many optimizer steps as the whole loop took. A gain '
-             'that training longer also gives does not count. Each run names only the data, the models and '
-             '`image_size: 32`; every other key is a default unless the overrides column says otherwise. '
+             'each, a same-budget supervised baseline on the labeled data alone, for as many optimizer steps as '
+             'the whole loop took: from scratch the teacher\'s settings, pretrained the last student\'s '
+             'pretrained backbone at each lr the script tries (the best counts). A gain '
+             'that training longer also gives does not count. Each run names only the data, the models, '
+             '`pretrained` and the teacher\'s `image_size` (32 from scratch; 64 pretrained, with the ImageNet '
+             'EfficientNet-Lite0 teacher and Lite1, Lite2 students, `lite0-lite1-lite2`); every other key is a '
+             'default unless the overrides column says otherwise. '
              'Pseudo-label accuracy is the labeling model\'s top-1 over the whole unlabeled set, scored with the '
              'labels the unlabeled slice keeps (never trained on). Without a `validation` split the eval top-1 '
              'chooses the final model, so its figure is slightly optimistic.', '',
@@ -440,7 +443,10 @@ def results_md(results) -> str:
                         [[name, *(f'`{spec.get(k, "-")}`' for k in ('labeled', 'unlabeled', 'eval'))]
                          for name, spec in tasks.items()])
         lines += ['', '`digits` is scikit-learn\'s digits at 32 px (10 labels per class, 1,297 unlabeled, 400 eval), '
-                      'the demo\'s data; the CIFAR-10 tasks slice the CIFAR-10 train split.', '']
+                      'the demo\'s data, and `digits-64` the same at 64 px; the CIFAR-10 tasks slice the CIFAR-10 '
+                      'train split. The pretrained tasks `cifar10-250`, `cifar10-1k-10k` and `cifar10-4k-10k` take '
+                      'the first 25, 100 or 400 images of each class in `train[:5000]` as labels, '
+                      '`train[20000:30000]` as the unlabeled set and `train[45000:47000]` for eval.', '']
     if not results:
         lines += ['No results are committed yet: `python scripts/results.py` writes one JSON per run under '
                   '`results/`, and `python scripts/render_docs.py` renders this page from them.']
