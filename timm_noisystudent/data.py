@@ -756,6 +756,50 @@ def read_pseudo(pseudo_dir: Path) -> tuple:
     return table, stats
 
 
+def check_pseudo_values(pseudo_dir, table, num_classes: int, unlabeled_rows: int) -> None:
+    """Refuse a label set whose values no labeler writes: an index outside the unlabeled set, a class
+    out of range, a probability that is not finite or outside [0, 1], or rows that do not sum to 1."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = table.data.table if hasattr(table.data, 'table') else table.data
+
+    def refuse(what: str, rows) -> None:
+        raise UserError(f'{pseudo_dir} holds {what} (row {int(np.flatnonzero(rows)[0])} of its data/); '
+                        'label again with `noisystudent label`.')
+
+    def column(name: str) -> np.ndarray:
+        return t.column(name).combine_chunks().to_numpy(zero_copy_only=False)
+
+    index, label = column('index'), column('label')
+    if ((index < 0) | (index >= unlabeled_rows)).any():
+        refuse(f'a row index outside the unlabeled set of {unlabeled_rows} rows', (index < 0) | (index >= unlabeled_rows))
+    if ((label < 0) | (label >= num_classes)).any():
+        refuse(f'a class outside 0..{num_classes - 1}', (label < 0) | (label >= num_classes))
+    name = 'probs' if 'probs' in t.column_names else 'topk_prob'
+    probs = t.column(name).combine_chunks()
+    if isinstance(probs, pa.ChunkedArray):
+        probs = probs.combine_chunks()
+    lengths = pc.list_value_length(probs).to_numpy(zero_copy_only=False)
+    width = num_classes if name == 'probs' else int(lengths.max(initial=0))
+    if (lengths != width).any():
+        refuse(f'a {name} list of another length than {width}', lengths != width)
+    values = probs.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, max(width, 1))
+    bad = ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1) | (values > 1 + 1e-6).any(axis=1)
+    if bad.any():
+        refuse('a probability that is not finite or not in [0, 1]', bad)
+    sums = values.sum(axis=1)
+    off = np.abs(sums - 1) > 1e-3 if name == 'probs' else sums > 1 + 1e-3
+    if off.any():
+        refuse(f'probabilities that sum to {sums[off][0]:.4g}, not 1', off)
+    if name == 'topk_prob':
+        idx = column('topk_idx')
+        flat = np.concatenate(idx) if idx.dtype == object and len(idx) else np.asarray(idx).ravel()
+        if flat.size and ((flat < 0) | (flat >= num_classes)).any():
+            raise UserError(f'{pseudo_dir} holds a top-k class outside 0..{num_classes - 1}; '
+                            'label again with `noisystudent label`.')
+
+
 def unlabeled_of(pseudo_dir, stats: Dict[str, Any]) -> DataSource:
     """The unlabeled source a label directory names: by its resolved path where it has one."""
     record = dict(stats.get('source') or {})
@@ -895,6 +939,7 @@ def train_rows(labeled_ds, image_col: str, label_col: str, num_classes: int, dat
     if teacher_classes != num_classes:
         raise UserError(f'the pseudo labels have {teacher_classes} classes but the labeled set has '
                         f'{num_classes}; label with a teacher trained on this labeled set.')
+    check_pseudo_values(pseudo, pseudo_table, num_classes, len(unlabeled_ds))
     noisy = augment.student_transform(data_config, randaugment, uint8=True)
     un_rows = ImageRows(unlabeled_ds, un_image_col, noisy, seed=seed + 1)
     labeled_rows = ImageRows(labeled_ds, image_col, noisy, label_column=label_col, seed=seed)

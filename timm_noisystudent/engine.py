@@ -650,6 +650,11 @@ class _Run:
                     window_imgs += images
                     lr = optimizer.param_groups[0]['lr']
                     if bar.n % 5 == 0 or state['step'] == self.total_steps:
+                        if not math.isfinite(loss.item()):  # a NaN stays: checking every few steps finds it
+                            raise UserError(
+                                f"the training loss is not finite at step {state['step']} (lr {lr:.2e}); the "
+                                'pseudo labels, the data or a too high lr make it so: check them, or lower the lr, '
+                                'then run the command again.')
                         now = time.perf_counter()
                         bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}',
                                         img_s=f'{window_imgs / max(now - window_t, 1e-9):.1f}')
