@@ -190,3 +190,42 @@ def test_label_removes_its_temporaries_when_the_disk_fills(data_root, model_dir,
     monkeypatch.setattr(labeling, '_write_parquet', write)
     assert main(args) == 0
     assert list((out / 'data').glob('*.parquet')) and not list(out.glob('.data.tmp-*'))
+
+
+# --- tiny inputs that would exhaust memory or hang ---------------------------------------------------
+
+def _bounded(cmd, tmp_path, seconds=300):
+    """The CLI in a child process with 2 GB of address space at most and a time limit."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import hub_env
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    return subprocess.run([sys.executable, '-m', 'timm_noisystudent', *cmd], capture_output=True, text=True,
+                          timeout=seconds, preexec_fn=limit, cwd=tmp_path, env=hub_env(OMP_NUM_THREADS='1'))
+
+
+def test_a_yaml_alias_bomb_is_one_line_not_all_the_memory(data_root, tmp_path):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for k in range(1, 10):
+        lines.append(f'{chr(97 + k)}: &{chr(97 + k)} [' + ','.join([f'*{chr(96 + k)}'] * 9) + ']')
+    bomb = tmp_path / 'bomb.yaml'
+    bomb.write_text('\n'.join(lines) + f'\nlabeled: {{path: {data_root / "labeled"}, name: *j}}\n'
+                    f'unlabeled: {data_root / "unlabeled"}\n')
+    proc = _bounded(['run', str(bomb), '-o', str(tmp_path / 'out')], tmp_path, seconds=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr and len(_error_line(proc.stderr)) < 400
+
+
+def test_a_fifo_and_a_link_to_dev_zero_in_an_image_folder_are_undecodable_not_a_hang(data_root, model_dir,
+                                                                                  tmp_path):
+    folder = tmp_path / 'unlabeled'
+    shutil.copytree(data_root / 'unlabeled', folder)
+    os.mkfifo(folder / 'zz_fifo.png')
+    (folder / 'zz_zero.png').symlink_to('/dev/zero')
+    proc = _bounded(['label', '--teacher', str(model_dir), '--data', str(folder), '--output', str(tmp_path / 'l'),
+                     '--threshold', '0', '--batch-size', '8', '--num-workers', '0', '--no-progress'], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '(2 undecodable' in proc.stdout, proc.stdout

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -683,8 +684,13 @@ def _shown(value: Any) -> str:
         return 'null'
     if isinstance(value, bool):
         return 'true' if value else 'false'
-    text = repr(value)
+    # reprlib bounds the work: a YAML alias bomb expands to billions of items in a plain repr
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + '...'
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict, _SHORT_REPR.maxstring = 3, 4, 4, 60
 
 
 def _listed(choices: Sequence[str]) -> str:

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -435,14 +436,27 @@ def source_identity(ds, image_column: str, source: Optional[SourceLike] = None) 
             'head_sha256': _bytes_hash([plain[i][image_column] for i in range(min(IDENTITY_SAMPLE, n))])}
 
 
+HASHED_BYTES_MAX = 64 << 20  # an image file's bytes that go into its identity hash, at most
+
+
+def _regular_file(path: str) -> str:
+    """``path`` when it is a regular file (a link to one counts): a FIFO would block a read and a
+    device such as /dev/zero never ends, so both are refused like an undecodable image."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f'{path} is not a regular file')
+    return path
+
+
 def _bytes_hash(values: Sequence[Any]) -> str:
-    """sha256 over the encoded bytes of image values (embedded bytes, else the file's)."""
+    """sha256 over the encoded bytes of image values (embedded bytes, else the file's, at most
+    HASHED_BYTES_MAX of them, and nothing of a file that is not a regular one)."""
     digest = hashlib.sha256()
     for value in values:
         data = value.get('bytes') if isinstance(value, dict) else None
         if data is None and isinstance(value, dict) and value.get('path'):
             try:
-                data = Path(value['path']).read_bytes()
+                with open(_regular_file(value['path']), 'rb') as f:
+                    data = f.read(HASHED_BYTES_MAX)
             except OSError:
                 data = b''
         digest.update(hashlib.sha256(data or b'').digest())
@@ -499,9 +513,9 @@ def decode_image(value: Any) -> Optional[Image.Image]:
         elif isinstance(value, dict) and value.get('bytes') is not None:
             img = Image.open(io.BytesIO(value['bytes']))
         elif isinstance(value, dict) and value.get('path'):
-            img = Image.open(value['path'])
+            img = Image.open(_regular_file(value['path']))
         elif isinstance(value, str):
-            img = Image.open(value)
+            img = Image.open(_regular_file(value))
         elif isinstance(value, (bytes, bytearray)):
             img = Image.open(io.BytesIO(value))
         else:
