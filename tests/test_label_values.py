@@ -95,3 +95,17 @@ def test_a_loss_that_is_no_longer_finite_stops_the_stage_with_one_line(labels, t
     line = _error_line(capsys.readouterr().err)
     assert 'the training loss is not finite at step' in line and 'lower the lr' in line
     assert not (tmp_path / 'out' / 'model').exists()
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_setting(labels, tmp_path, capsys):
+    root, _ = labels
+    base = ['train', '--data', str(root / 'data' / 'labeled'), '--model', MODEL, '--image-size', '32', '--epochs', '4',
+            '--batch-size', '8', '--min-steps', '0', '--checkpoint-every', '2', '--output', str(tmp_path / 'out'),
+            '--max-steps', '4', *COMMON]
+    assert main(base) == 0
+    (tmp_path / 'out' / 'metrics.json').unlink()  # as a killed stage leaves it: checkpoints, no metrics
+    assert main(base + ['--lr', '1e-4', '--resume']) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert 'were made with lr 0.006, not 0.0001' in line and 'remove them to start this stage over' in line
+    assert main(base + ['--batch-size', '4', '--resume']) == 2
+    assert 'batch_size 8, not 4' in _error_line(capsys.readouterr().err)

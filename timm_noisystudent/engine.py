@@ -251,10 +251,25 @@ def check_trackers(log_with: Any, key: str = '--log-with') -> None:
                         'or drop the tracker.')
 
 
-def _resume_from(accelerator, ema, root: Path) -> Optional[Path]:
-    """Load the newest checkpoint that reads whole; a damaged one is passed over with a one-line warning."""
+def _resume_from(accelerator, ema, root: Path, settings: Dict[str, Any]) -> Optional[Path]:
+    """Load the newest checkpoint that reads whole; a damaged one is passed over with a one-line warning.
+
+    A checkpoint made with other settings (``settings``: the model, data and optimizer a stage trains
+    with) is refused with one line that names the first one that differs.
+    """
     kept = [d for d in _checkpoint_dirs(root) if (d / 'trainer_state.json').is_file()]
     for n, ckpt in enumerate(reversed(kept)):
+        try:
+            state = json.loads((ckpt / 'trainer_state.json').read_text())
+            int(state['step']), int(state['epoch'])
+            made = state.get('settings')
+        except Exception:  # noqa: BLE001 - damage is handled with the load below
+            made = None
+        changed = [k for k in settings if isinstance(made, dict) and k in made and made[k] != settings[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f'the checkpoints in {root} were made with {k} {made[k]!r}, not {settings[k]!r}; '
+                            'resume with the settings they were made with, or remove them to start this stage over.')
         try:
             state = json.loads((ckpt / 'trainer_state.json').read_text())
             int(state['step']), int(state['epoch'])
@@ -555,8 +570,13 @@ class _Run:
             math.ceil(self.total_steps / train_cfg.grad_accum_steps))
         self.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=self.ema_decay,
                               use_warmup=train_cfg.ema_warmup, device=accelerator.device)
+        # what the checkpoints are made with, so that a resume with other settings is refused
+        self.settings = {'model': spec.model, 'num_classes': num_classes, 'batch_size': spec.batch_size,
+                         'images_per_step': rows.images_per_step, 'steps': self.total_steps, 'lr': spec.lr,
+                         'preset': spec.preset, 'weight_decay': spec.opt.get('weight_decay'),
+                         'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path}
         self.state = {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'updates': 0, 'side_seen': 0, 'images': 0,
-                      'seconds': 0.0}
+                      'seconds': 0.0, 'settings': self.settings}
         self.metrics: Dict[str, Any] = {}
         self.soft_ce = SoftTargetCrossEntropy()
 
@@ -564,9 +584,9 @@ class _Run:
         """Resume from the newest readable checkpoint, refuse to restart over an unfinished one, or start clean."""
         accelerator, output, ckpt_root = self.accelerator, self.output, self.ckpt_root
         if resume:
-            last = _resume_from(accelerator, self.ema, ckpt_root)
+            last = _resume_from(accelerator, self.ema, ckpt_root, self.settings)
             if last is not None:
-                self.state = json.loads((last / 'trainer_state.json').read_text())
+                self.state = {'settings': self.settings, **json.loads((last / 'trainer_state.json').read_text())}
                 accelerator.print(f'resuming from {last} (epoch {self.state["epoch"]}, step {self.state["step"]})')
                 if accelerator.is_main_process:
                     keep_jsonl_until(output / 'metrics.jsonl', self.state['step'])
