@@ -429,6 +429,24 @@ def test_hub_model_errors_name_the_repo_and_the_offline_switch(data_root, capsys
     assert 'HF_HUB_OFFLINE is set' in _error_line(capsys.readouterr().err)
 
 
+def test_a_bad_hub_id_or_revision_is_one_line_that_says_which(data_root, model_dir, hub_server, capsys):
+    assert main(['predict', _image(data_root), '--model', 'hf-hub:../../x']) == 2
+    assert 'is not a Hub model id' in _error_line(capsys.readouterr().err)
+    repo = hub_server.unique_repo_id('revisions')
+    assert main(['push', str(model_dir), '--repo-id', repo]) == 0
+    capsys.readouterr()
+    assert main(['predict', _image(data_root), '--model', f'hf-hub:{repo}@nope']) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert 'is on the Hub' in line and 'that revision is not' in line and 'repo not found' not in line
+
+
+def test_credentials_in_hf_endpoint_are_never_shown(monkeypatch):
+    from huggingface_hub import constants
+    from timm_noisystudent.models import hub_endpoint
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://user:hf_URLsecret_555@127.0.0.1:9')
+    assert hub_endpoint() == 'http://127.0.0.1:9'
+
+
 def test_a_temporary_name_in_an_os_error_is_shown_as_the_path_given():
     from timm_noisystudent.cli import _os_error
     e = OSError(30, 'Read-only file system', '/srv/models/.export.tmp-x1y2z3/model.safetensors')

@@ -26,7 +26,7 @@ from .cards import (
     bare_card, labels_card, model_card, portable_config, read_model_config,
 )
 from .rundir import ModelSource, labels_files, pickled_weights, resolve_source
-from .models import check_safetensors, read_state_dict
+from .models import check_safetensors, hub_endpoint, read_state_dict
 
 __all__ = ['export', 'push', 'push_labels', 'portable_stats', 'check_repo_id', 'check_revision']
 
@@ -179,8 +179,7 @@ def _token(token: Optional[str]) -> str:
 
 
 def _hub_url() -> str:
-    from huggingface_hub import constants
-    return constants.ENDPOINT
+    return hub_endpoint()
 
 
 def _transport_errors() -> Tuple[type, ...]:

@@ -228,26 +228,44 @@ def _suggest_models(name: str) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()`."
 
 
+def hub_endpoint() -> str:
+    """The Hub's address as messages show it: without credentials embedded in HF_ENDPOINT."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from huggingface_hub import constants
+    parts = urlsplit(constants.ENDPOINT)
+    if parts.username is None and parts.password is None:
+        return constants.ENDPOINT
+    host = parts.hostname + (f':{parts.port}' if parts.port else '')
+    return urlunsplit(parts._replace(netloc=host))
+
+
 @contextlib.contextmanager
 def _hub_download_errors(spec: str):
     """The Hub's errors while fetching a model's weights, as one line that names the repo and the fix."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
     try:
         yield
+    except HFValidationError:
+        raise UserError(f'{spec} is not a Hub model id; write it as hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION '
+                        "(letters, digits, '-', '_' and '.', no '..').") from None
     except GatedRepoError:
         raise UserError(f'the weights of {spec} are gated on the Hub; accept the terms on its page and log in '
                         '(HF_TOKEN or `hf auth login`).') from None
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise UserError(f'the weights of {spec} are not on the Hub ({constants.ENDPOINT}): repo not found; '
+    except RevisionNotFoundError:
+        raise UserError(f'the repo of {spec} is on the Hub ({hub_endpoint()}) but that revision is not; check the '
+                        'branch, tag or commit after the @.') from None
+    except RepositoryNotFoundError:
+        raise UserError(f'the weights of {spec} are not on the Hub ({hub_endpoint()}): repo not found; '
                         f'check the id, or log in for a private repo.') from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise UserError(f'the weights of {spec} are not in the local cache and HF_HUB_OFFLINE is set; unset '
                             'it to download them once, or point HF_HOME at a cache that holds them.') from None
-        raise UserError(f'cannot download the weights of {spec}: the Hub ({constants.ENDPOINT}) cannot be reached '
+        raise UserError(f'cannot download the weights of {spec}: the Hub ({hub_endpoint()}) cannot be reached '
                         'and they are not cached; check the network, or set HF_HUB_OFFLINE=1 with a cache that '
                         'holds them.') from None
 
@@ -260,15 +278,17 @@ def check_model_name(spec: str) -> None:
     spec = os.fspath(spec)
     if spec.startswith('hf-hub:'):
         from huggingface_hub import constants, model_info
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
         repo, _, revision = spec[len('hf-hub:'):].partition('@')
         if constants.HF_HUB_OFFLINE:
             return  # the cache decides when it is loaded
         try:
-            model_info(repo, revision=revision or None)
-        except (RepositoryNotFoundError, RevisionNotFoundError):
+            with _hub_download_errors(spec):
+                model_info(repo, revision=revision or None)
+        except UserError as e:
+            if 'repo not found' not in str(e):
+                raise
             raise UserError(f'model repo {repo!r}{"@" + revision if revision else ""} was not found on the Hub '
-                            f'({constants.ENDPOINT}); check the id, or log in for a private repo.') from None
+                            f'({hub_endpoint()}); check the id, or log in for a private repo.') from None
         except Exception:  # noqa: BLE001 - unreachable now; loading it later says why
             return
         return
