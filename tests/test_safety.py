@@ -306,6 +306,16 @@ def bad_models(model_dir, tmp_path_factory):
     (root / 'badarch' / 'config.json').write_text(json.dumps(dict(cfg, architecture='no_such_net')))
     weights = root / 'trunc' / 'model.safetensors'
     weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    for name in ('classes11', 'zero_size'):
+        shutil.copytree(model_dir, root / name)
+        out[name] = root / name
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(root / 'classes11' / 'model.safetensors'))
+    tensors['backdoor.weight'] = tensors['classifier.weight'].clone()  # a tensor the architecture lacks
+    save_file(tensors, str(root / 'classes11' / 'model.safetensors'))
+    cfg = json.loads((root / 'zero_size' / 'config.json').read_text())
+    cfg['pretrained_cfg'] = dict(cfg.get('pretrained_cfg') or {}, input_size=[3, 0, 0])
+    (root / 'zero_size' / 'config.json').write_text(json.dumps(cfg))
     one_class = root / 'one-class' / 'cats'
     one_class.mkdir(parents=True)
     out['one-class'] = root / 'one-class'
@@ -350,6 +360,12 @@ CASES = {
                                             'Did you mean: tf_efficientnet_b0_ns,'),
     'a one-class image folder': (['train', '--data', '{one-class}', '--model', MODEL, '-o', '{out}'],
                                  'with only one, it has no labels'),
+    'weights that do not fit config.json': (['predict', '{img}', '--model', '{classes11}'],
+                                            'do not fit the architecture its config.json names'),
+    'a zero input size in config.json': (['predict', '{img}', '--model', '{zero_size}'],
+                                         'it must be [3, H, W] with H and W above 0'),
+    'the label column as the image column': (['train', '--data', '{labeled}', '--model', MODEL, '-o', '{out}',
+                                              '--image-column', 'label'], "'label' is both the image and the label"),
     'a moved relative path': (['train', '--data', '{rel-missing}', '--model', MODEL, '-o', '{out}'],
                               'data path {rel-missing} does not exist'),
 }

@@ -335,11 +335,14 @@ def image_column_of(ds, override: Optional[str] = None) -> str:
     return _find_column(ds, override, 'image', IMAGE_COLUMNS, datasets.Image, 'Set image_column.')
 
 
-def label_column_of(ds, override: Optional[str] = None) -> str:
-    """The label column: the one named, a conventional name, or the first ClassLabel."""
+def label_column_of(ds, override: Optional[str] = None, image_column: Optional[str] = None) -> str:
+    """The label column: the one named, a conventional name, or the first ClassLabel (never the image column)."""
     name = _find_column(ds, override, 'label', LABEL_COLUMNS, datasets.ClassLabel,
                         'Set label_column, or for an image folder give it one subfolder per class: with only one, '
                         'it has no labels.')
+    if name == image_column:
+        raise UserError(f'{name!r} is both the image and the label column; name the images with image_column '
+                        '(--image-column) and the labels with label_column (--label-column).')
     features = _column_types(ds)
     feature = features.get(name)
     if isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string'):
@@ -868,7 +871,8 @@ def eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_cl
     if isinstance(ds, datasets.IterableDataset):
         raise UserError('evaluation data cannot be streamed; drop streaming for the eval split.')
     cols = source_columns(as_source(source))
-    label_col = label_column_of(ds, cols['label'])
+    image_col = image_column_of(ds, cols['image'])
+    label_col = label_column_of(ds, cols['label'], image_col)
     names = label_names_of(ds, label_col)
     if names and len(names) != num_classes:
         # image folders number classes by sorted folder name: a missing class shifts every index
@@ -876,8 +880,7 @@ def eval_loader(source: SourceLike, data_config, batch_size, num_workers, num_cl
                         'evaluate on data with the same classes (an image folder needs all class folders).')
     check_labels(ds, label_col, num_classes, what='eval')
     import timm
-    rows = ImageRows(ds, image_column_of(ds, cols['image']), timm.data.create_transform(**data_config),
-                     label_column=label_col)
+    rows = ImageRows(ds, image_col, timm.data.create_transform(**data_config), label_column=label_col)
     return make_loader(rows, batch_size, shuffle=False, num_workers=num_workers,
                        short_pass_in_process=short_pass_in_process)
 
@@ -899,7 +902,7 @@ def labeled_set(source: SourceLike):
         raise UserError('the labeled set cannot be streamed; it is read many times.')
     cols = source_columns(src)
     image_col = image_column_of(ds, cols['image'])
-    label_col = label_column_of(ds, cols['label'])
+    label_col = label_column_of(ds, cols['label'], image_col)
     num_classes = num_classes_of(ds, label_col)
     check_labels(ds, label_col, num_classes)
     return ds, image_col, label_col, label_names_of(ds, label_col), num_classes

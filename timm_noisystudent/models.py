@@ -322,6 +322,12 @@ def _check_model_dir(path: Path) -> None:
     if not timm.is_model(arch):
         raise UserError(f'{path / "config.json"} names the architecture {arch!r}, which this timm '
                         f'({timm.__version__}) does not know.' + _suggest_models(arch))
+    size = (config.get('pretrained_cfg') or {}).get('input_size') if isinstance(config.get('pretrained_cfg'), dict) \
+        else None
+    if size is not None and not (isinstance(size, list) and len(size) == 3
+                                 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise UserError(f'{path / "config.json"} gives the input size {size!r}; it must be [3, H, W] with H and W '
+                        'above 0: export the model again, or fix pretrained_cfg.input_size.')
     if (path / 'model.safetensors').is_file():
         check_safetensors(path / 'model.safetensors')
 
@@ -369,11 +375,13 @@ def load_model(
         _check_model_dir(path)
         try:
             model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
-        except RuntimeError as e:  # timm's weights_only=True load refused a pickle holding more than tensors
-            if (path / 'model.safetensors').is_file():
-                raise
-            raise UserError(f'cannot load the pickled weights in {path} with weights_only=True: '
-                            f'{str(e).splitlines()[0]}') from None
+        except RuntimeError as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if (path / 'model.safetensors').is_file():  # missing, extra or mis-sized tensors
+                raise UserError(f'the weights in {path} do not fit the architecture its config.json names '
+                                f'({reason[:200]}); export the model again from its run.') from None
+            # timm's weights_only=True load refused a pickle holding more than tensors
+            raise UserError(f'cannot load the pickled weights in {path} with weights_only=True: {reason}') from None
     elif os.sep in spec or path.exists():
         raise UserError(f'model directory {spec} does not exist or has no config.json.')
     else:
