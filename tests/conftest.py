@@ -62,6 +62,14 @@ atexit.register(_stop_hub)
 import pytest  # noqa: E402
 
 
+def error_line(err: str) -> str:
+    """The one `error:` line a command that failed on bad input printed; no traceback beside it."""
+    lines = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, err[-3000:]
+    assert 'Traceback' not in err
+    return lines[0]
+
+
 def hub_env(**extra: str) -> dict[str, str]:
     """A full environment for a subprocess (accelerate launch, the CLI) that uses the local Hub."""
     env = {k: v for k, v in os.environ.items() if k not in _UNSET_VARS}

@@ -16,11 +16,7 @@ MODEL = 'test_efficientnet'
 COMMON = ['--num-workers', '0', '--mixed-precision', 'no', '--no-progress']
 
 
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith('error:')]
-    assert len(lines) == 1, err[-3000:]
-    assert 'Traceback' not in err
-    return lines[0]
+from conftest import error_line as _error_line  # noqa: E402
 
 
 @pytest.fixture(scope='module')

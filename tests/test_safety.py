@@ -32,11 +32,7 @@ def _env(**extra):
     return hub_env(OMP_NUM_THREADS='1', **extra)
 
 
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith('error:')]
-    assert len(lines) == 1, err[-3000:]
-    assert 'Traceback' not in err
-    return lines[0]
+from conftest import error_line as _error_line  # noqa: E402
 
 
 @pytest.fixture(scope='module')

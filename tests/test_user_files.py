@@ -40,11 +40,7 @@ def _untouched(root: Path, planted: dict) -> None:
         assert (root / rel).read_text() == text, f'{rel} was overwritten'
 
 
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith('error:')]
-    assert len(lines) == 1, err[-3000:]
-    assert 'Traceback' not in err
-    return lines[0]
+from conftest import error_line as _error_line  # noqa: E402
 
 
 @pytest.fixture(scope='module')
