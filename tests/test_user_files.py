@@ -191,14 +191,14 @@ def test_label_removes_its_temporaries_when_the_disk_fills(data_root, model_dir,
 # --- tiny inputs that would exhaust memory or hang ---------------------------------------------------
 
 def _bounded(cmd, tmp_path, seconds=300):
-    """The CLI in a child process with 2 GB of address space at most and a time limit."""
+    """The CLI in a child process with 16 GB of address space at most (torch maps several) and a time limit."""
     import resource
     import subprocess
     import sys
     from conftest import hub_env
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
     return subprocess.run([sys.executable, '-m', 'timm_noisystudent', *cmd], capture_output=True, text=True,
                           timeout=seconds, preexec_fn=limit, cwd=tmp_path, env=hub_env(OMP_NUM_THREADS='1'))
 

@@ -173,7 +173,7 @@ def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
     metadata = set(getattr(ImageFolder, 'METADATA_FILENAMES', ('metadata.csv', 'metadata.jsonl', 'metadata.parquet')))
     root = root.resolve()
     paths: List[str] = []
-    bar = progress_bar(desc=f'indexing {root.name}', unit='files',
+    bar = progress_bar(desc=f'indexing {root.name}', unit='files', delay=1.0,
                        disable=not (progress and datasets.is_progress_bar_enabled()))  # --no-progress: datasets' off
     try:
         stack = [(str(root), 0)]

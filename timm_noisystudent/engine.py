@@ -254,8 +254,8 @@ def check_trackers(log_with: Any, key: str = '--log-with') -> None:
 def _resume_from(accelerator, ema, root: Path, settings: Dict[str, Any]) -> Optional[Path]:
     """Load the newest checkpoint that reads whole; a damaged one is passed over with a one-line warning.
 
-    A checkpoint made with other settings (``settings``: the model, data and optimizer a stage trains
-    with) is refused with one line that names the first one that differs.
+    A checkpoint made with other settings (``settings``: the model, data, batch, lr and noise a stage
+    trains with; not its length, which a resume may extend) is refused with one line that names the first one that differs.
     """
     kept = [d for d in _checkpoint_dirs(root) if (d / 'trainer_state.json').is_file()]
     for n, ckpt in enumerate(reversed(kept)):
@@ -482,6 +482,13 @@ def seconds_per_step(model: str, image_size: Optional[int], images: int, precisi
     if arch is None or not timm.is_model(arch):
         return None
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    with torch.random.fork_rng(devices=[]):  # the run's random stream stays as if nothing was measured
+        return _timed_steps(arch, device, image_size, images, precision, channels_last, repeats)
+
+
+def _timed_steps(arch: str, device: torch.device, image_size: Optional[int], images: int, precision: str,
+                 channels_last: bool, repeats: int) -> float:
+    import timm
     net = timm.create_model(arch, pretrained=False, num_classes=10)
     size = image_size or data_config_of(net)['input_size'][-1]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -572,7 +579,7 @@ class _Run:
                               use_warmup=train_cfg.ema_warmup, device=accelerator.device)
         # what the checkpoints are made with, so that a resume with other settings is refused
         self.settings = {'model': spec.model, 'num_classes': num_classes, 'batch_size': spec.batch_size,
-                         'images_per_step': rows.images_per_step, 'steps': self.total_steps, 'lr': spec.lr,
+                         'images_per_step': rows.images_per_step, 'lr': spec.lr,
                          'preset': spec.preset, 'weight_decay': spec.opt.get('weight_decay'),
                          'randaugment': spec.randaugment, 'dropout': spec.dropout, 'drop_path': spec.drop_path}
         self.state = {'step': 0, 'epoch': 0, 'step_in_epoch': 0, 'updates': 0, 'side_seen': 0, 'images': 0,

@@ -182,12 +182,11 @@ def keep_freed_memory() -> bool:
 
 
 def progress_bar(**kwargs):
-    """A tqdm bar by the project's rules: it shows only after a second, so a step that is over at once
-    leaves no frame; in a terminal it redraws, in a log (no TTY) it writes one line a minute at most."""
+    """A tqdm bar by the project's rules: in a terminal it redraws, in a log (no TTY) it writes one
+    line a minute at most. ``delay=1`` keeps a step that is over at once from leaving a frame."""
     from tqdm.auto import tqdm
 
     kwargs.setdefault('mininterval', 0.1 if sys.stderr.isatty() else 60.0)
-    kwargs.setdefault('delay', 1.0)
     return tqdm(dynamic_ncols=True, leave=False, **kwargs)
 
 
