@@ -157,10 +157,12 @@ def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline
     loop_seconds = time.perf_counter() - t0
     truth_labels = truth()
     rows = summary['stages']
+    loop_seconds = _loop_wall(out, rows, loop_seconds)
     result = {
         'task': task, 'model': 'lite0-lite1-lite2' if pretrained else model, 'overrides': list(overrides),
         'loop_seconds': round(loop_seconds, 1),
-        'stages': [{k: r.get(k) for k in ('stage', 'model', 'teacher', 'top1', 'steps', 'pseudo_images', 'seconds')}
+        'stages': [{k: _short(r.get(k), models_dir) if k == 'model' else r.get(k)
+                    for k in ('stage', 'model', 'teacher', 'top1', 'steps', 'pseudo_images', 'seconds')}
                    for r in rows],
         'pseudo_accuracy': {r['stage']: _pseudo_accuracy(out / 'loop' / r['stage'], truth_labels)
                             for r in rows if stage_kind(r['stage']) == 'labels'},
@@ -171,7 +173,8 @@ def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline
     models = [r for r in rows if stage_kind(r['stage']) != 'labels']
     total_steps = sum(r['steps'] or 0 for r in models)
     if baseline:
-        result['baselines'] = _baselines(cfg, out, total_steps, pretrained)
+        result['baselines'] = [dict(b, model=_short(b['model'], models_dir))
+                               for b in _baselines(cfg, out, total_steps, pretrained)]
         result['baseline'] = max(result['baselines'], key=lambda b: b['top1'])
     if restarts:
         result['restarts'] = _restarts(cfg, out, models)
@@ -180,6 +183,34 @@ def run_task(task: str, model: str, work: Path, cifar: Path, overrides, baseline
     result['last_student_error'] = round(100 - last, 2)
     result['error_ratio'] = round((100 - last) / max(100 - first, 1e-9), 3)
     return result
+
+
+def _short(model, models_dir: Path):
+    """A model id as the results may show it: a local directory relative to the repository, never absolute."""
+    import os
+    prefix = f'local-dir:{models_dir}'
+    if isinstance(model, str) and model.startswith(prefix):
+        return 'local-dir:' + os.path.relpath(model[len('local-dir:'):], HERE.parent)
+    return model
+
+
+def _loop_wall(out: Path, rows, seconds: float) -> float:
+    """The loop's wall time: this call's when it trained every stage, else the one kept from the call that did.
+
+    A rerun with the same --work reuses finished stages (to add a baseline to a --no-baseline run); its own wall
+    time is not the loop's, so the first call's is kept in the work directory next to the stages it timed.
+    """
+    kept = out / 'loop-wall.json'
+    signature = [[r.get('stage'), r.get('top1'), r.get('steps')] for r in rows]
+    own = sum(r.get('seconds') or 0 for r in rows)
+    if seconds >= 0.9 * own:
+        kept.write_text(json.dumps({'seconds': round(seconds, 1), 'stages': signature}))
+        return seconds
+    try:
+        earlier = json.loads(kept.read_text())
+    except (OSError, ValueError):
+        return seconds
+    return earlier['seconds'] if earlier.get('stages') == signature else seconds
 
 
 def _baselines(cfg, out: Path, total_steps: int, pretrained: bool) -> list:

@@ -106,7 +106,7 @@ def test_the_finetune_recipe_and_budget_are_pinned():
     assert C.PRESETS['finetune'] == dict(opt='adamw', lr=1e-3, weight_decay=0.05, sched='cosine',
                                          warmup_epochs=1.0, min_lr=1e-6, momentum=0.9)
     assert (C.PRESET_EPOCHS['finetune'], C.PRESET_STUDENT_EPOCHS['finetune'], C.PRESET_MIN_STEPS['finetune'],
-            C.PRESET_CLIP_GRAD['finetune']) == (5, 3, 300, 1.0)
+            C.PRESET_CLIP_GRAD['finetune']) == (5, 5, 300, 1.0)
     assert (C.PRESET_EPOCHS['small-data'], C.PRESET_MIN_STEPS['small-data']) == (60, 1000)
 
 
@@ -116,9 +116,9 @@ def test_auto_picks_finetune_for_pretrained_stages_and_students_inherit_the_teac
     assert C.stage_pretrained(cfg) == [True, True, True, False]
     assert [C.preset_of(cfg.train, p) for p in C.stage_pretrained(cfg)] == \
         ['finetune', 'finetune', 'finetune', 'small-data']
-    # a pretrained student trains its preset's 3 epochs; a scratch one follows the stage before it, unless
-    # that trained with another preset
-    assert stage_epochs(cfg) == [5, 3, 3, 60]
+    # a pretrained student trains its preset's 5 epochs unless it names its own; a scratch one follows the
+    # stage before it, unless that trained with another preset
+    assert stage_epochs(cfg) == [5, 5, 3, 60]
     assert C.min_steps_of(cfg.train, True) == 300 and C.min_steps_of(cfg.train, False) == 1000
     note = C.presets_note(cfg)
     assert '# iter0-teacher: preset finetune (pretrained weights): opt adamw, lr 0.001' in note

@@ -66,9 +66,11 @@ PRESET_CLIP_GRAD = {'small-data': 1.0, 'finetune': 1.0, 'paper': None}
 # a stage's budget when train.epochs / train.min_steps are null. From random weights a few thousand
 # images want 60 epochs and at least 1,000 steps; a pretrained backbone's eval curve flattens after
 # a few hundred steps (measured on the pretrained dev tasks), so its teacher trains 5 epochs and at
-# least 300 steps, and each student 3 passes over the longer of its streams (None: the stage before's)
+# least 300 steps, and each student 5 passes over the longer of its streams (None: the stage
+# before's). With 4,000 labels a student's two streams are about as long, and 3 epochs gave it
+# fewer passes over the labels than its teacher had (docs/decisions.md, 2026-12-08)
 PRESET_EPOCHS = {'small-data': 60, 'finetune': 5, 'paper': 60}
-PRESET_STUDENT_EPOCHS = {'small-data': None, 'finetune': 3, 'paper': None}
+PRESET_STUDENT_EPOCHS = {'small-data': None, 'finetune': 5, 'paper': None}
 PRESET_MIN_STEPS = {'small-data': 1000, 'finetune': 300, 'paper': 1000}
 # small-data's peak lr falls with the square root of the model's width (the classifier's input:
 # timm's head_hidden_size where a model has a head conv after pooling, as lcnet and MobileNetV3 do,
@@ -155,7 +157,7 @@ class NoiseConfig:
 @dataclass
 class TrainConfig:
     # the teacher's epochs when teacher.epochs is None; None: its preset's (PRESET_EPOCHS: 60 from
-    # random weights, 5 from pretrained ones, whose students train 3: PRESET_STUDENT_EPOCHS)
+    # random weights, 5 from pretrained ones, whose students train 5 too: PRESET_STUDENT_EPOCHS)
     epochs: Optional[int] = None
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
@@ -264,7 +266,7 @@ def stage_pretrained(cfg: RunConfig) -> List[bool]:
 def stage_epochs(cfg: RunConfig) -> List[int]:
     """Epochs of the teacher, then of each student, with the None fallbacks resolved.
 
-    A student without its own epochs takes its preset's student epochs (finetune: 3), else the stage's
+    A student without its own epochs takes its preset's student epochs (finetune: 5), else the stage's
     before it when that trained with the same preset, else its preset's.
     """
     pretrained = stage_pretrained(cfg)
