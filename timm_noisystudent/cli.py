@@ -7,7 +7,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import sys
 import warnings
 from typing import List, Optional
@@ -496,8 +495,14 @@ _IN_THE_WAY = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
 def _os_error(e: OSError) -> str:
     """A failed read or write as one line that says what to do; atomic writers left no partial file."""
+    from .files import DiskFull, shown_path
+
+    # a copy or rename names its destination second: that is where the space was missing
+    target = e.filename2 or e.filename
+    if e.errno in _NO_SPACE and target:
+        return str(DiskFull(os.fsdecode(target), e.errno))
     # a writer's hidden temporary (.NAME.tmp-XXXX) is named as the path the user gave: NAME
-    shown = re.sub(r'(^|/)\.([^/]+)\.(tmp|old)-[^/]*', r'\1\2', os.fspath(e.filename)) if e.filename else ''
+    shown = shown_path(os.fsdecode(e.filename)) if e.filename else ''
     what = str(e.strerror or e).strip().splitlines()[0] + (f': {shown}' if shown else '')
     if e.errno in _NO_SPACE:
         hint = 'free some disk space, then run the same command again; finished work is kept'

@@ -31,7 +31,8 @@ from timm.utils import ModelEmaV3
 from . import augment
 from .config import (DEFAULT_UNLABELED_RATIO, PRESETS, ModelStage, NoiseConfig, TrainConfig, UserError,
                      clip_grad_of, epochs_of, min_steps_of, preset_of, small_data_lr)
-from .files import append_jsonl, fsync_file, keep_jsonl_until, output_lock, replace_dir, write_json_atomic
+from .files import (DiskFull, append_jsonl, fsync_file, full_disk_errno, keep_jsonl_until, mebibytes, output_lock,
+                    replace_dir, warn_if_short_of_space, write_json_atomic)
 from .data import (
     SourceLike, eval_loader, labeled_set, source_record, train_loaders, train_rows,
 )
@@ -176,16 +177,39 @@ def _save_checkpoint(accelerator, root: Path, state: Dict[str, Any], keep: int, 
             replace_dir(tmp, final)
             for old in _checkpoint_dirs(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError, SafetensorError) as e:
+    except (OSError, RuntimeError, SafetensorError, DiskFull) as e:
         # a full disk surfaces as OSError from Python, SafetensorError from safetensors and a
         # RuntimeError from torch.save (optimizer state); all mean this checkpoint was not written
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        code = e.code if isinstance(e, DiskFull) else full_disk_errno(e)
+        if code is not None:  # the checkpoint is what needs the space, whichever of its files met the full disk
+            raise DiskFull(final, code, _checkpoint_bytes(ema.module),
+                           'rerun the same command (train: with --resume)') from e
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [''])[0]
         raise UserError(f'cannot write a checkpoint in {root} ({reason}; {_free_space(root)}); free space or fix '
                         'permissions, then run the same command again (train: with --resume): the last good '
                         'checkpoint is kept.') from e
     accelerator.wait_for_everyone()
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _checkpoint_bytes(model: torch.nn.Module) -> int:
+    """A rough checkpoint size: the weights, their EMA and two optimizer moments (AdamW's; RMSProp keeps fewer)."""
+    return 4 * _weight_bytes(model)
+
+
+def _warn_if_short_of_space(output: Path, ckpt_root: Path, model: torch.nn.Module, keep: int) -> None:
+    """Before a stage trains: do its checkpoints (``keep`` and the one being written) and its model fit?"""
+    have = len(_checkpoint_dirs(ckpt_root))
+    ckpt = _checkpoint_bytes(model)
+    count = max(keep + 1 - have, 1)
+    need = count * ckpt + _weight_bytes(model)
+    warn_if_short_of_space(output, need, f'{count} checkpoint{"s" * (count > 1)} of about {mebibytes(ckpt)} '
+                           'and the model')
 
 
 def _free_space(path: Path) -> str:
@@ -419,6 +443,7 @@ def _train(stage, labeled, output, *, eval_data, pseudo, unlabeled, train_cfg, n
                num_classes, output, progress)
     run.restore(resume)
     if accelerator.is_main_process and run.state['step'] < run.total_steps:
+        _warn_if_short_of_space(output, run.ckpt_root, accelerator.unwrap_model(model), train_cfg.keep_checkpoints)
         _announce(run, spec, train_cfg, rows.images_per_step, student,
                   'no' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision)
     # checkpointed with the step, for a resumption

@@ -1,19 +1,125 @@
-"""File plumbing: atomic writes, directory swaps, JSON lines, the output lock.
+"""File plumbing: atomic writes, directory swaps, JSON lines, the output lock, full-disk errors and warnings.
 
 Every writer here leaves the old file or the new one, never half of one, and its temporary
 names start with a dot, so globs for finished files never match them.
 """
 import contextlib
+import errno
 import json
+import math
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 from .config import UserError, config_to_yaml
 
 __all__ = ['atomic_path', 'fsync_file', 'replace_dir', 'remove_tree', 'write_text_atomic', 'write_json_atomic',
-           'append_jsonl', 'keep_jsonl_until', 'save_figure', 'text_table', 'save_config', 'output_lock', 'LOCK_NAME']
+           'append_jsonl', 'keep_jsonl_until', 'save_figure', 'text_table', 'save_config', 'output_lock', 'LOCK_NAME',
+           'writing', 'DiskFull', 'full_disk_errno', 'shown_path', 'mebibytes', 'warn_if_short_of_space']
+
+
+class DiskFull(UserError):
+    """A write that found the disk full or the quota spent: one line naming the path and what to free."""
+
+    def __init__(self, path: Union[str, os.PathLike], code: int, need: Optional[int] = None,
+                 rerun: str = 'rerun the same command'):
+        self.path, self.code, self.need = Path(path), code, need
+        where = _filesystem_of(self.path)
+        free = _free_bytes(where) if code == errno.ENOSPC else None  # a quota is not the disk's free space
+        sizes = ', '.join(([f'about {mebibytes(need)} needed'] if need else []) +
+                          ([f'{mebibytes(free)} free now'] if free is not None else []))
+        sizes = f' ({sizes})' if sizes else ''
+        if code == errno.EDQUOT:
+            what = (f'disk quota exceeded writing {shown_path(self.path)}: free some of your files on {where} '
+                    f'or raise your quota{sizes}')
+        else:
+            what = f'no space left on device writing {shown_path(self.path)}: free some space on {where}{sizes}'
+        super().__init__(f'{what}, and {rerun}; finished work is kept.')
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def full_disk_errno(e: BaseException) -> Optional[int]:
+    """ENOSPC or EDQUOT when ``e`` is a full disk or a spent quota, however the writer reports it, else None.
+
+    Python and pyarrow raise an ``OSError`` with the errno; safetensors a ``SafetensorError`` whose
+    text ends in ``(os error 28)``.
+    """
+    if isinstance(e, OSError):
+        return e.errno if e.errno in _NO_SPACE else None
+    found = re.search(r'\(os error (\d+)\)', str(e)) if type(e).__name__ == 'SafetensorError' else None
+    return int(found.group(1)) if found and int(found.group(1)) in _NO_SPACE else None
+
+
+@contextlib.contextmanager
+def writing(path: Union[str, os.PathLike], need: Optional[int] = None) -> Iterator[None]:
+    """A full disk or quota while the block writes ``path`` becomes one ``DiskFull`` line that names it.
+
+    ``need`` is the bytes the write takes, where known. A ``DiskFull`` from a writer inside the
+    block passes through: it names the file that could not be written.
+    """
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        code = full_disk_errno(e)
+        if code is None:
+            raise
+        raise DiskFull(path, code, need) from e
+
+
+_HIDDEN = re.compile(r'(^|/)\.([^/]+?)\.(?:tmp|old)(?:-[^/]*)?(?=/|$)')
+
+
+def shown_path(path: Union[str, os.PathLike]) -> str:
+    """A path as the user knows it: a writer's hidden temporary (``.NAME.tmp-XXXX``) is named ``NAME``."""
+    return _HIDDEN.sub(r'\1\2', os.fspath(path))
+
+
+def mebibytes(n: float) -> str:
+    """A size for a message: whole MiB from 10 MiB up, tenths below, KiB under one MiB."""
+    if n >= 10 * 2 ** 20:
+        return f'{n / 2 ** 20:,.0f} MiB'
+    if n >= 2 ** 20:
+        return f'{n / 2 ** 20:.1f} MiB'
+    return f'{max(1, math.ceil(n / 1024))} KiB'
+
+
+def _filesystem_of(path: Path) -> Path:
+    """The mount point that holds ``path``: where space has to be freed."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def warn_if_short_of_space(path: Union[str, os.PathLike], need: int, what: str) -> bool:
+    """Warn, in one line, when the filesystem of ``path`` has less free than ``need`` bytes; True if it did.
+
+    ``what`` says what the estimate counts. Nothing stops: the estimate is rough, and space may be
+    freed while the stage runs.
+    """
+    where = _filesystem_of(Path(path))
+    free = _free_bytes(where)
+    if free is None or free >= need:
+        return False
+    warnings.warn(f'{mebibytes(free)} free on {where}, and {shown_path(path)} may need about {mebibytes(need)} '
+                  f'({what}); free some space now, or the stage may stop with a full disk.', stacklevel=3)
+    return True
 
 
 def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
@@ -25,19 +131,21 @@ def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
+def atomic_path(path: Union[str, os.PathLike], need: Optional[int] = None) -> Iterator[Path]:
     """A temporary path beside ``path`` to write; on success it is synced and renamed to ``path``.
 
     A crash or a full disk leaves the old file or the new one, never half of one: what the
-    block wrote is removed when it raises. The temporary name starts with a dot and carries no
+    block wrote is removed when it raises, and a full disk is a ``DiskFull`` that names ``path``
+    (``need``: the bytes it takes, where known). The temporary name starts with a dot and carries no
     extension of its own, so globs for finished files (``*.parquet``) never match it.
     """
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with writing(path, need):
+            yield tmp
+            fsync_file(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -49,13 +157,23 @@ def fsync_file(path: Union[str, os.PathLike]) -> None:
 
 
 def replace_dir(tmp: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> None:
-    """Move a finished directory ``tmp`` to ``out``, replacing an older one whole."""
+    """Move a finished directory ``tmp`` to ``out``, replacing an older one whole.
+
+    If the move fails (a full disk can refuse a new directory entry), the older ``out`` is put back.
+    """
     tmp, out = Path(tmp), Path(out)
     old = out.parent / f'.{out.name}.old-{os.getpid()}'
     shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
+    with writing(out):
+        moved = out.exists()
+        if moved:
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if moved:
+                old.rename(out)
+            raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -101,7 +219,10 @@ def output_lock(directory: Union[str, os.PathLike], state: Any = None) -> Iterat
             problem = (f'{directory} is in use by another noisystudent process{holder}; wait for it to end, '
                        'or give this one another output directory.')
         else:
-            (directory / (LOCK_NAME + '.pid')).write_text(f'{os.getpid()}\n')
+            try:
+                (directory / (LOCK_NAME + '.pid')).write_text(f'{os.getpid()}\n')
+            except OSError:  # only for the message above; a full disk is said by the write that needs the space
+                pass
     if state is not None and getattr(state, 'num_processes', 1) > 1:
         from accelerate.utils import broadcast_object_list
         problem = broadcast_object_list([problem])[0]
@@ -131,7 +252,7 @@ def remove_tree(path: Union[str, os.PathLike]) -> None:
 
 def append_jsonl(path: Union[str, os.PathLike], obj: Any) -> None:
     """One JSON line appended and synced: a kill loses at most the line being written."""
-    with open(path, 'a') as f:
+    with writing(path), open(path, 'a') as f:
         f.write(json.dumps(obj) + '\n')
         f.flush()
         os.fsync(f.fileno())

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple, Union
 from huggingface_hub import HfApi
 
 from .config import UserError
-from .files import fsync_file, replace_dir
+from .files import DiskFull, fsync_file, full_disk_errno, replace_dir
 from .cards import (
     bare_card, labels_card, model_card, portable_config, read_model_config,
 )
@@ -120,8 +120,13 @@ def export(
             for name in ('model.safetensors', 'config.json', 'README.md'):
                 fsync_file(tmp / name)
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        code = full_disk_errno(e)
+        if code is not None:  # named as the export, not as the file it copied from
+            need = (weights.stat().st_size if state is None else
+                    sum(v.numel() * v.element_size() for v in state.values())) + len(card.encode())
+            raise DiskFull(out, code, need) from e
         raise
     return out
 

@@ -41,7 +41,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .config import DEFAULT_TOPK, FULL_PROBS_MAX_CLASSES, DataSource, LabelsConfig, UserError
-from .files import atomic_path, output_lock, remove_tree, replace_dir, save_figure, write_json_atomic
+from .files import (atomic_path, output_lock, remove_tree, replace_dir, save_figure, warn_if_short_of_space,
+                    write_json_atomic)
 from .data import (
     EvalTransform, ImageRows, SourceLike, as_source, collate, decode_image, image_column_of,
     check_output_outside, load_source, source_identity, source_record, undecoded,
@@ -308,7 +309,7 @@ class _Shard:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:  # a full disk leaves no partial file behind
+    with atomic_path(path, need=table.nbytes) as tmp:  # a full disk leaves no partial file behind, and says so
         if table.num_rows:
             pq.write_table(table, tmp)
         else:  # no row group at all: datasets cannot read one of zero rows
@@ -623,6 +624,8 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
             'num_processes': world if streaming else None,  # a stream is cut per process
         }
         _prepare_raw(raw, manifest)
+        if num_rows:
+            _warn_if_short_of_space(output, raw, num_rows, num_classes, topk)
     accelerator.wait_for_everyone()
 
     # BatchNorm folded into the convs: a model we loaded is folded in place, a caller's is copied first
@@ -667,6 +670,15 @@ def _label(teacher, source, output, cfg, *, seed, num_workers, progress, image_s
         raise UserError(f'none of the {stats["failed_count"]} unlabeled images could be decoded (they are listed '
                         f'in {output / "stats.json"}); check the files, the path and the image column.')
     return stats
+
+
+def _warn_if_short_of_space(output: Path, raw: Path, num_rows: int, num_classes: int, topk: Optional[int]) -> None:
+    """Before labeling: do the raw shards still to write, and the selected copy of them, fit?"""
+    row = 8 + 8 + 4 + 4 + (12 * topk if topk else 4 * num_classes)  # index, label, confidence, offsets, soft label
+    have = sum(f.stat().st_size for f in raw.glob('*.parquet'))
+    need = max(num_rows * row - have, 0) + num_rows * row
+    if need:
+        warn_if_short_of_space(output, need, f'raw shards and the selected data of {num_rows:,} rows')
 
 
 def _rows_of_process(num_rows: Optional[int], streaming: bool, rows_per_shard: int, rank: int, world: int):

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
 from .config import SMALL_DATA_LR_FEATURES, UserError
-from .files import fsync_file, replace_dir
+from .files import DiskFull, fsync_file, full_disk_errno, replace_dir
 from .rundir import PICKLE_FILES, TIMM_PICKLES, is_model_dir
 
 __all__ = [
@@ -584,12 +584,18 @@ def save_model(
         save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
         for f in tmp.iterdir():
             fsync_file(f)
-    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, as each writer reports it
+        replace_dir(tmp, directory)
+    except (OSError, RuntimeError, SafetensorError, UserError) as e:  # a full disk, as each writer reports it
         _remove_tree(tmp)
+        code = e.code if isinstance(e, DiskFull) else full_disk_errno(e)
+        if code is not None:
+            need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            raise DiskFull(directory, code, need) from e
+        if isinstance(e, UserError):
+            raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f'cannot write the model to {directory} ({reason}); free space or fix permissions, '
                         'then run the same command again.') from e
-    replace_dir(tmp, directory)
     return directory
 
 
