@@ -164,8 +164,8 @@ def test_a_500_on_every_commit_ends_with_one_line_and_nothing_committed(hub_serv
     assert code == 2 and out == ''
     line = error_line(err)
     assert line == (f'error: the Hub answered 500 to the commit, 3 tries in all; nothing was committed to repo '
-                    f'{repo_id}; rerun the same `noisystudent push` command later (files already uploaded are '
-                    'not sent again).')
+                    f'{repo_id}; rerun `noisystudent push {model_dir} --repo-id {repo_id}` later (files already '
+                    'uploaded are not sent again).')
     assert fault.hits == hub.PUSH_TRIES and len(warned) == hub.PUSH_TRIES - 1
     assert set(hub_server.files('model', repo_id)) == {'.gitattributes'}  # the repo exists; nothing of the push
 
@@ -208,7 +208,8 @@ def test_push_labels_that_cannot_commit_names_its_own_command(hub_server, labels
     code, out, err, warned = _cli(['push-labels', labels_dir, '--repo-id', repo_id], capsys, hub_server)
     assert code == 2
     line = error_line(err)
-    assert f'nothing was committed to dataset repo {repo_id}' in line and '`noisystudent push-labels`' in line
+    assert f'nothing was committed to dataset repo {repo_id}' in line
+    assert f'rerun `noisystudent push-labels {labels_dir} --repo-id {repo_id}` later' in line
     assert set(hub_server.files('dataset', repo_id)) == {'.gitattributes'}
 
 
@@ -221,6 +222,7 @@ def test_a_commit_that_never_answers_says_where_to_look(hub_server, model_dir, c
     line = error_line(err)
     assert 'the connection to the Hub broke during the commit' in line and '3 tries in all' in line
     assert f'the commit may have been made: look at {hub_server.url}/{repo_id}/commits/main' in line
+    assert f'rerun `noisystudent push {model_dir} --repo-id {repo_id} --revision main` later either way' in line
     assert set(hub_server.files('model', repo_id)) == {'.gitattributes'}  # it was not
 
 

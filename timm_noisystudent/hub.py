@@ -17,7 +17,7 @@ each time, or what ``Retry-After`` asks up to ``PUSH_MAX_WAIT``. A commit whose 
 is retried too: the files it sent are then on the Hub, so the retry changes nothing and makes no
 second commit. A pull request is the exception (a retry would open a second one), so a lost
 answer there ends the push. When the tries run out, one line says what failed, that nothing was
-committed (or that a commit may have been made, and where to look), and to rerun the command.
+committed (or that a commit may have been made, and where to look), and the command to rerun.
 """
 import contextlib
 import copy
@@ -362,9 +362,9 @@ def _gave_up_line(fault: _Fault, tries: int, repo: str, repo_url: str, branch: s
         how, when = f"{fault.what}, even after huggingface_hub's own retries", 'later'
     else:
         how, when = f"{fault.what}{f', {tries} tries in all' if tries > 1 else ''}", 'later'
-    rerun = f'rerun the same `{command}` command {when}'
+    rerun = f'rerun `{command}` {when}'
     if fault.unreachable:
-        rerun = f'check your network or HF_ENDPOINT, then rerun the same `{command}` command'
+        rerun = f'check your network or HF_ENDPOINT, then rerun `{command}`'
     if fault.commit and not fault.answered:
         if create_pr:
             return (f'{how}, so a pull request may have been opened on {repo}: look at {repo_url}/discussions, '
@@ -428,8 +428,10 @@ def push(
     def fill(folder: Path, resolved_id: str) -> None:
         export(source, folder, repo_id=resolved_id, license=license, _link=True)
 
+    command = _command('push', src if isinstance(src, (str, os.PathLike)) else source.model_dir, repo_id,
+                       private, revision, create_pr, commit_message, license)
     return _upload(fill, repo_id, 'model', private, revision, create_pr,
-                   commit_message or _commit_message(source), token, 'noisystudent push')
+                   commit_message or _commit_message(source), token, command)
 
 
 def _upload(fill, repo_id: str, repo_type: str, private: bool, revision: Optional[str], create_pr: bool,
@@ -465,6 +467,20 @@ def _upload(fill, repo_id: str, repo_type: str, private: bool, revision: Optiona
                                          revision=revision, create_pr=create_pr, commit_message=commit_message)
 
             return _retrying(commit, gave_up(repo_id), may_repeat_commit=not create_pr)
+
+
+def _command(name: str, src, repo_id: str, private: bool, revision: Optional[str], create_pr: bool,
+             commit_message: Optional[str], license: Optional[str]) -> str:
+    """The CLI command that repeats this push (a push from `run` too), for the line that asks to rerun it."""
+    import shlex
+
+    args = ['noisystudent', name, os.fspath(src), '--repo-id', repo_id]
+    args += ['--private'] if private else []
+    args += ['--revision', revision] if revision else []
+    args += ['--create-pr'] if create_pr else []
+    args += ['--commit-message', commit_message] if commit_message else []
+    args += ['--license', license] if license else []
+    return shlex.join(args)
 
 
 def _commit_message(source: ModelSource) -> str:
@@ -504,8 +520,9 @@ def push_labels(
         card = labels_card(labels_dir, repo_id=resolved_id, license=license)
         (folder / 'README.md').write_text(str(card), encoding='utf-8')
 
+    command = _command('push-labels', labels_dir, repo_id, private, revision, create_pr, commit_message, license)
     return _upload(fill, repo_id, 'dataset', private, revision, create_pr,
-                   commit_message or 'Upload Noisy Student pseudo labels', token, 'noisystudent push-labels')
+                   commit_message or 'Upload Noisy Student pseudo labels', token, command)
 
 
 def _public_ref(value: Any) -> Any:
