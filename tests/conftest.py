@@ -88,11 +88,13 @@ def hub_server():
 
     `url`, `token` (the HF_TOKEN the clients send), `home` (HF_HOME), `user`; `requests`,
     `unhandled`; `commits()`, `files()`, `lfs_files()`, `create_repo()`, `commit()`,
-    `unique_repo_id()`; `rejected_tokens`, `read_only_tokens`, `read_only_repos` (reset
-    after each test). Repos persist for the session: use `unique_repo_id()` for new ones.
+    `unique_repo_id()`; `rejected_tokens`, `read_only_tokens`, `read_only_repos` and the
+    faults of `fail()`, `drop()`, `cut()` and `slow()` (reset after each test). Repos persist
+    for the session: use `unique_repo_id()` for new ones.
     """
     _HUB.clear_log()
     yield _HUB
+    _HUB.clear_faults()
     _HUB.rejected_tokens.clear()
     _HUB.read_only_tokens.clear()
     _HUB.read_only_repos.clear()

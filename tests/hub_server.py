@@ -57,6 +57,16 @@ endpoint). Writes need a token (401 without one), and are refused with 403 for r
 ``read_only_repos`` and for tokens in ``read_only_tokens``. Private repos need a token to be
 read. Every request is recorded in ``HubServer.requests`` (method, path with query, headers).
 
+Faults, for tests of what a client does when the network fails (none by default): ``fail()``
+answers matching requests with an error status (a 500, or a 429 with ``Retry-After``),
+``drop()`` closes the connection (a TCP reset) after reading part of the request body,
+``cut()`` sends a response's headers and only part of its body, then closes, and ``slow()``
+waits before answering. Each applies to requests whose method matches and whose path (without
+the query) matches a regular expression (``COMMIT``, ``LFS_UPLOAD``, ``RESOLVE`` name the
+usual ones), ``times`` times or, with ``times=None``, always; the first matching fault with
+tries left applies. Each returns a ``Fault`` whose ``hits`` counts the requests it failed.
+``clear_faults()`` removes them all (``reset()`` does too).
+
 Repo ids are always ``namespace/name``. For tests, without HTTP: ``create_repo()`` and
 ``commit()`` seed repos; ``commits()``, ``files()`` and ``lfs_files()`` inspect them;
 ``unique_repo_id()`` names new ones; ``unhandled`` lists requests no route matched.
@@ -71,7 +81,10 @@ import json
 import logging
 import re
 import secrets
+import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,6 +108,11 @@ _DEFAULT_LFS_PATTERNS = (
     "*.safetensors saved_model/**/* *.tar.* *.tar *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*"
 ).split()
 _DATASET_LFS_PATTERNS = "*.lz4 *.mds *.mp3 *.ogg *.wav *.flac *.jpg *.jpeg *.png *.webp *.gif".split()
+
+# Paths (without the query) of the requests that faults usually target.
+COMMIT = r"^/api/(models|datasets|spaces)/[^/]+/[^/]+/commit/"  # POST: create_commit
+LFS_UPLOAD = r"^/__lfs/upload/"  # PUT: an LFS object's content
+RESOLVE = r"/resolve/"  # GET/HEAD: a file download
 
 
 def _now() -> str:
@@ -214,6 +232,34 @@ class RecordedRequest:
     headers: dict[str, str]  # names in lower case
 
 
+@dataclass
+class Fault:
+    """A failure injected into the requests that match ``method`` and ``path`` (a regex on the path)."""
+
+    kind: str  # "fail", "drop", "cut" or "slow"
+    method: str
+    path: str
+    times: int | None  # None: every matching request
+    status: int = 500
+    headers: dict[str, str] = field(default_factory=dict)
+    after: float | None = None  # drop: request body bytes read first; cut: response body bytes sent
+    seconds: float = 0.0  # slow: the delay before answering
+    hits: int = 0  # requests it has failed so far
+
+    def matches(self, method: str, path: str) -> bool:
+        left = self.times is None or self.hits < self.times
+        return left and method == self.method and re.search(self.path, path) is not None
+
+
+def _split_body_bytes(after: float | None, length: int) -> int:
+    """How many of ``length`` bytes a drop or cut lets through: a count, a fraction (< 1), or half."""
+    if after is None:
+        return length // 2
+    if 0 < after < 1:
+        return int(length * after)
+    return min(int(after), length)
+
+
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
@@ -272,6 +318,7 @@ class HubServer:
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lfs: dict[tuple[str, str, str], bytes] = {}  # (repo_type, repo_id, oid) -> content
         self._pending_uploads: dict[str, tuple[str, str, str, int]] = {}  # nonce -> (type, id, oid, size)
+        self.faults: list[Fault] = []
         self._lock = threading.RLock()
         self._names = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -320,11 +367,52 @@ class HubServer:
             self.rejected_tokens.clear()
             self.read_only_tokens.clear()
             self.read_only_repos.clear()
+            self.faults.clear()
 
     def clear_log(self) -> None:
         with self._lock:
             self.requests.clear()
             self.unhandled.clear()
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def fail(self, method: str, path: str, status: int = 500, times: int | None = 1,
+             retry_after: int | str | None = None) -> Fault:
+        """Answer matching requests with ``status`` (after reading their body); 429s may carry Retry-After."""
+        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        return self._add_fault(Fault("fail", method, path, times, status=status, headers=headers))
+
+    def drop(self, method: str, path: str, after: float | None = None, times: int | None = 1) -> Fault:
+        """Reset the connection of matching requests after reading ``after`` bytes (or that fraction,
+        or half) of their body: the client sees its upload cut, with no response."""
+        return self._add_fault(Fault("drop", method, path, times, after=after))
+
+    def cut(self, method: str, path: str, after: float | None = None, times: int | None = 1) -> Fault:
+        """Answer matching requests with their full headers but only ``after`` bytes (or that fraction,
+        or half) of the body, then close the connection: a download cut partway."""
+        return self._add_fault(Fault("cut", method, path, times, after=after))
+
+    def slow(self, method: str, path: str, seconds: float, times: int | None = None) -> Fault:
+        """Wait ``seconds`` before answering matching requests."""
+        return self._add_fault(Fault("slow", method, path, times, seconds=seconds))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _add_fault(self, fault: Fault) -> Fault:
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        """The first fault that applies to this request, counted as hit."""
+        with self._lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.hits += 1
+                    return fault
+        return None
 
     def unique_repo_id(self, name: str = "repo", namespace: str = "org") -> str:
         """A repo id no earlier call returned, e.g. "org/model-3"."""
@@ -879,6 +967,23 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
         logger.debug("hub_server: " + format, *args)
 
+    def _abort(self) -> None:
+        """Close the connection with a TCP reset, whatever the client is still sending or awaiting."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+    def _drop(self, fault: Fault) -> None:
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            self.rfile.read(_split_body_bytes(fault.after, int(length)))
+        else:  # chunked: the raw bytes that arrive first
+            self.rfile.read1(max(int(fault.after or 1), 1))
+        self._abort()
+
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
@@ -894,13 +999,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         hub: HubServer = self.server.hub  # type: ignore[attr-defined]
-        body = self._read_body()
         headers = {k.lower(): v for k, v in self.headers.items()}
         with hub._lock:
             hub.requests.append(RecordedRequest(self.command, self.path, dict(headers)))
+        split = urlsplit(self.path)
+        fault = hub._take_fault(self.command, split.path)
+        if fault is not None and fault.kind == "drop":
+            return self._drop(fault)
+        body = self._read_body()
+        if fault is not None and fault.kind == "slow":
+            time.sleep(fault.seconds)
         auth = headers.get("authorization", "")
         token = auth[len("bearer "):].strip() if auth.lower().startswith("bearer ") else None
-        split = urlsplit(self.path)
         request = _Request(
             method=self.command,
             segments=[s for s in split.path.split("/") if s],
@@ -910,6 +1020,8 @@ class _Handler(BaseHTTPRequestHandler):
             token=token or None,
         )
         try:
+            if fault is not None and fault.kind == "fail":
+                raise HubError(fault.status, f"Injected fault: {fault.status}", headers=dict(fault.headers))
             status, out_headers, data = hub.handle(request)
         except HubError as e:
             status, out_headers, data = _json({"error": e.message}, e.status, e.headers)
@@ -924,6 +1036,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if fault is not None and fault.kind == "cut":
+            if self.command != "HEAD":
+                self.wfile.write(data[: _split_body_bytes(fault.after, len(data))])
+            self.wfile.flush()
+            self.close_connection = True  # the client sees the body end early
+            return
         if self.command != "HEAD":
             self.wfile.write(data)
 

@@ -216,3 +216,73 @@ def test_hub_env_points_subprocesses_at_the_local_hub(hub_server):
     assert env["HF_TOKEN"] == hub_server.token
     assert env["HF_HUB_DISABLE_XET"] == "1"
     assert "HF_HUB_OFFLINE" not in env
+
+
+# --- injected faults: what the client meets when the network fails ---------------------------
+
+
+def test_a_500_on_the_commit_fails_that_commit_only(hub_server, pushed_model):
+    from hub_server import COMMIT
+
+    fault = hub_server.fail("POST", COMMIT, status=500)
+    api = HfApi()
+    with pytest.raises(HfHubHTTPError) as raised:
+        api.upload_file(path_or_fileobj=b"one", path_in_repo="one.txt", repo_id=pushed_model)
+    assert raised.value.response.status_code == 500 and fault.hits == 1
+    assert "one.txt" not in hub_server.files("model", pushed_model)
+    api.upload_file(path_or_fileobj=b"one", path_in_repo="one.txt", repo_id=pushed_model)  # times=1: spent
+    assert hub_server.files("model", pushed_model)["one.txt"] == b"one" and fault.hits == 1
+
+
+def test_a_429_carries_retry_after_and_always_means_every_time(hub_server, pushed_model):
+    from hub_server import COMMIT
+
+    fault = hub_server.fail("POST", COMMIT, status=429, retry_after=7, times=None)
+    for _ in range(2):
+        with pytest.raises(HfHubHTTPError) as raised:
+            HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=pushed_model)
+        assert raised.value.response.status_code == 429
+        assert raised.value.response.headers["Retry-After"] == "7"
+    assert fault.hits == 2 and len(hub_server.commits("model", pushed_model)) == 2
+
+
+def test_a_dropped_commit_is_a_transport_error_and_no_commit(hub_server, pushed_model):
+    import httpx2
+    from hub_server import COMMIT
+
+    fault = hub_server.drop("POST", COMMIT, after=0.5)
+    with pytest.raises(httpx2.TransportError):
+        HfApi().upload_file(path_or_fileobj=b"x" * 1000, path_in_repo="x.txt", repo_id=pushed_model)
+    assert fault.hits == 1 and "x.txt" not in hub_server.files("model", pushed_model)
+
+
+def test_a_dropped_lfs_upload_is_sent_again_by_the_client(hub_server, pushed_model, tmp_path):
+    from hub_server import LFS_UPLOAD
+
+    fault = hub_server.drop("PUT", LFS_UPLOAD, after=100)
+    weights = {"weight": torch.arange(4096, dtype=torch.float32)}
+    save_file(weights, tmp_path / "big.safetensors")
+    hub_server.clear_log()
+    HfApi().upload_file(path_or_fileobj=tmp_path / "big.safetensors", path_in_repo="big.safetensors",
+                        repo_id=pushed_model)  # huggingface_hub's http_backoff retries the PUT
+    assert fault.hits == 1 and len([r for r in hub_server.requests if r.method == "PUT"]) == 2
+    assert hub_server.files("model", pushed_model)["big.safetensors"] == (tmp_path / "big.safetensors").read_bytes()
+
+
+def test_a_cut_download_is_fetched_again_and_whole(hub_server, pushed_model, model_dir, tmp_path):
+    from hub_server import RESOLVE
+
+    fault = hub_server.cut("GET", RESOLVE + "main/model.safetensors$", after=0.5)
+    path = hf_hub_download(pushed_model, "model.safetensors", cache_dir=tmp_path / "cache")
+    assert open(path, "rb").read() == (model_dir / "model.safetensors").read_bytes()
+    assert fault.hits == 1
+    # the client asks again; below its 10 MiB read size the cut part never reached the file, so
+    # it asks from the start (a larger file resumes with a Range request)
+    gets = [r for r in hub_server.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    assert len(gets) == 2
+
+
+def test_a_slow_answer_still_arrives(hub_server, pushed_model):
+    fault = hub_server.slow("GET", r"^/api/models/", seconds=0.2)
+    assert HfApi().model_info(pushed_model).sha == hub_server.commits("model", pushed_model)[0].oid
+    assert fault.hits == 1

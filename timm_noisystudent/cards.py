@@ -5,6 +5,7 @@ the stage's ``metrics.json`` and the pseudo-label ``stats.json``. Each part is o
 model directory still gets a shorter card. Local paths appear by name only.
 """
 import functools
+import json
 import math
 import os
 from pathlib import Path
@@ -337,7 +338,11 @@ def _params_m(architecture: str, config: Dict[str, Any]) -> Optional[str]:
 
 
 def read_model_config(model_dir: Path) -> Dict[str, Any]:
-    config = read_json(model_dir / 'config.json')
+    path = model_dir / 'config.json'
+    try:
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError says where: line, column, char
+        raise UserError(f'{path} is not valid JSON ({e}); export the model again.') from None
     if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
         raise UserError(f'{model_dir}/config.json is not a timm model config (no "architecture"); '
                         'export the model again.')

@@ -5,8 +5,19 @@ format, naming the canonical timm architecture) + ``README.md``, the model card.
 loads it without this plugin, from ``local-dir:`` or, once pushed, from ``hf-hub:``.
 
 Pushing uses ``huggingface_hub.HfApi`` and nothing else: ``create_repo(exist_ok=True)``, then the
-whole folder as one ``upload_folder`` commit. The token is huggingface_hub's (``HF_TOKEN`` or a
-login); it is handed to the client and never printed or written.
+whole folder as one ``create_commit``, which the Hub applies all or nothing. The token is
+huggingface_hub's (``HF_TOKEN`` or a login); it is handed to the client and never printed or written.
+
+When the network fails: huggingface_hub retries, with its own backoff, the requests that move
+file content (preupload, the LFS batch, each LFS upload and its verify). It does not retry the
+commit, the repo or branch creation or the card check; a push retries those itself, on the
+answers and errors huggingface_hub counts as transient (408, 429, 5xx, timeouts, broken
+connections), ``PUSH_TRIES`` times in all, waiting ``PUSH_WAIT`` seconds and then twice as long
+each time, or what ``Retry-After`` asks up to ``PUSH_MAX_WAIT``. A commit whose answer was lost
+is retried too: the files it sent are then on the Hub, so the retry changes nothing and makes no
+second commit. A pull request is the exception (a retry would open a second one), so a lost
+answer there ends the push. When the tries run out, one line says what failed, that nothing was
+committed (or that a commit may have been made, and where to look), and the command to rerun.
 """
 import contextlib
 import copy
@@ -15,8 +26,10 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 from huggingface_hub import HfApi
 
@@ -26,7 +39,7 @@ from .cards import (
     bare_card, labels_card, model_card, portable_config, read_model_config,
 )
 from .rundir import ModelSource, labels_files, pickled_weights, resolve_source
-from .models import check_safetensors, hub_endpoint, read_state_dict
+from .models import check_safetensors, check_weights_fit, hub_endpoint, read_state_dict
 
 __all__ = ['export', 'push', 'push_labels', 'portable_stats', 'check_repo_id', 'check_revision']
 
@@ -96,6 +109,7 @@ def export(
         state = read_state_dict(pickled_weights(source.model_dir), allow_pickle=True)
     config = read_model_config(source.model_dir)
     portable = portable_config(config)
+    check_weights_fit(source.model_dir)  # plain timm must load what is exported
     card = bare_card(source, repo_id) if _is_bare(source) else None
     if card is None:
         card = str(model_card(source, repo_id=repo_id, license=license))
@@ -243,6 +257,128 @@ def _hub_errors(repo_id: str, revision: Optional[str], repo_type: str = 'model')
         raise
 
 
+# --- retries --------------------------------------------------------------------------------------
+
+PUSH_TRIES = 3  # attempts in all, for each step a push retries itself
+PUSH_WAIT = 2.0  # seconds before the first retry; each later wait is twice as long
+PUSH_MAX_WAIT = 30.0  # the longest wait; a longer Retry-After ends the push instead
+# what huggingface_hub's http_backoff counts as transient (its _DEFAULT_RETRY_ON_STATUS_CODES)
+_TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+class _Fault(NamedTuple):
+    what: str  # what went wrong, and in which step, for messages
+    unreachable: bool  # no connection could be made at all
+    answered: bool  # the Hub answered (with an error status): it did nothing
+    commit: bool  # the failed request was the commit
+    client_retried: bool  # huggingface_hub already retried that request with its backoff
+    retry_after: Optional[float]
+
+
+def _transient_errors() -> Tuple[type, ...]:
+    import importlib
+
+    for name in ('httpx2', 'httpx'):
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(name)
+            return module.TimeoutException, module.NetworkError, module.RemoteProtocolError
+    return ()
+
+
+def _step(method: str, path: str) -> Tuple[str, bool]:
+    """What a request was for, and whether huggingface_hub retries it itself."""
+    if method == 'PUT' or '/info/lfs/objects/' in path:
+        return 'the upload of a file', True
+    if '/preupload/' in path:
+        return 'the preupload check', True
+    if '/commit/' in path:
+        return 'the commit', False
+    if path.endswith('/repos/create'):
+        return 'the creation of the repo', False
+    if '/branch/' in path:
+        return 'the creation of the branch', False
+    if path.endswith('/validate-yaml'):
+        return "the check of the card's metadata", False
+    return 'a request', False
+
+
+def _fault(e: BaseException) -> Optional[_Fault]:
+    """The transient fault behind ``e``, or None when retrying cannot help."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    response, retry_after, unreachable = None, None, False
+    if isinstance(e, HfHubHTTPError):
+        response = e.response
+        if response is None or response.status_code not in _TRANSIENT_STATUS:
+            return None
+        request = response.request
+        what = f'the Hub answered {response.status_code} to {{}}'
+        limit = parse_ratelimit_headers(response.headers) if response.status_code == 429 else None
+        if limit is not None and limit.remaining == 0:
+            retry_after = float(limit.reset_in_seconds)
+        elif (response.headers.get('retry-after') or '').strip().isdigit():
+            retry_after = float(response.headers['retry-after'].strip())
+    elif isinstance(e, _transient_errors()):
+        try:
+            request = e.request
+        except RuntimeError:
+            return None
+        unreachable = type(e).__name__ == 'ConnectError'
+        what = (f'cannot reach the Hub at {_hub_url()} ({type(e).__name__}) for {{}}' if unreachable
+                else f'the connection to the Hub broke during {{}} ({type(e).__name__})')
+    else:
+        return None
+    step, client_retried = _step(request.method, request.url.path)
+    return _Fault(what.format(step), unreachable, response is not None, step == 'the commit', client_retried,
+                  retry_after)
+
+
+def _retrying(call: Callable[[], Any], gave_up: Callable[[_Fault, int], str], may_repeat_commit: bool = True):
+    """``call()``, tried again after a transient fault that huggingface_hub did not retry itself.
+
+    ``gave_up(fault, tries)`` is the one-line message when the tries run out. A commit whose answer
+    was lost is repeated only when ``may_repeat_commit``: repeating it is harmless on a branch.
+    """
+    for attempt in range(1, PUSH_TRIES + 1):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - _fault() picks the transient ones; the rest go on as they are
+            fault = _fault(e)
+            if fault is None:
+                raise
+            lost_commit = fault.commit and not fault.answered
+            if (attempt == PUSH_TRIES or fault.client_retried or (lost_commit and not may_repeat_commit)
+                    or (fault.retry_after or 0) > PUSH_MAX_WAIT):
+                raise UserError(gave_up(fault, attempt)) from None
+            wait = fault.retry_after if fault.retry_after is not None else PUSH_WAIT * 2 ** (attempt - 1)
+            wait = min(wait, PUSH_MAX_WAIT)
+            warnings.warn(f'{fault.what}; trying again in {wait:g} s '
+                          f'(try {attempt + 1} of {PUSH_TRIES}).', stacklevel=2)
+            time.sleep(wait)
+
+
+def _gave_up_line(fault: _Fault, tries: int, repo: str, repo_url: str, branch: str, create_pr: bool,
+                  command: str) -> str:
+    """What failed, what reached the Hub, and what to run again."""
+    if (fault.retry_after or 0) > PUSH_MAX_WAIT:
+        how, when = f'{fault.what}, asking to wait {fault.retry_after:g} s', f'after {fault.retry_after:g} s'
+    elif fault.client_retried:
+        how, when = f"{fault.what}, even after huggingface_hub's own retries", 'later'
+    else:
+        how, when = f"{fault.what}{f', {tries} tries in all' if tries > 1 else ''}", 'later'
+    rerun = f'rerun `{command}` {when}'
+    if fault.unreachable:
+        rerun = f'check your network or HF_ENDPOINT, then rerun `{command}`'
+    if fault.commit and not fault.answered:
+        if create_pr:
+            return (f'{how}, so a pull request may have been opened on {repo}: look at {repo_url}/discussions, '
+                    f'and {rerun} only if none was.')
+        return (f'{how}, so the commit may have been made: look at {repo_url}/commits/{branch}; {rerun} either '
+                'way (files the Hub already holds make no new commit).')
+    return (f'{how}; nothing was committed to {repo}; {rerun} (files already uploaded are not sent again).')
+
+
 def _api(token: Optional[str]) -> HfApi:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -292,25 +428,64 @@ def push(
     source = resolve_source(src)
     check_safetensors(source.model_dir / 'model.safetensors')
     portable_config(read_model_config(source.model_dir))  # fail before anything reaches the Hub
+    check_weights_fit(source.model_dir)
 
     def fill(folder: Path, resolved_id: str) -> None:
         export(source, folder, repo_id=resolved_id, license=license, _link=True)
 
+    command = _command('push', src if isinstance(src, (str, os.PathLike)) else source.model_dir, repo_id,
+                       private, revision, create_pr, commit_message, license)
     return _upload(fill, repo_id, 'model', private, revision, create_pr,
-                   commit_message or _commit_message(source), token)
+                   commit_message or _commit_message(source), token, command)
 
 
 def _upload(fill, repo_id: str, repo_type: str, private: bool, revision: Optional[str], create_pr: bool,
-            commit_message: str, token: Optional[str]):
-    """Create the repo (and branch), let ``fill(folder, repo_id)`` write what goes up, upload it as one commit."""
+            commit_message: str, token: Optional[str], command: str):
+    """Create the repo (and branch), let ``fill(folder, repo_id)`` write what goes up, commit it all at once.
+
+    Transient faults are retried (see the module's docstring); ``command`` is what the last line
+    tells the user to rerun when the tries run out.
+    """
+    from huggingface_hub import CommitOperationAdd
+
     api = _api(token)
+    kind = '' if repo_type == 'model' else f'{repo_type} '
+    branch = revision or 'main'
+
+    def gave_up(resolved: str) -> Callable[[_Fault, int], str]:
+        repo_url = f"{_hub_url()}/{'' if repo_type == 'model' else repo_type + 's/'}{resolved}"
+        return lambda fault, tries: _gave_up_line(fault, tries, f'{kind}repo {resolved}', repo_url, branch,
+                                                  create_pr, command)
+
     with _hub_errors(repo_id, revision, repo_type):
-        repo_id = _prepare_repo(api, repo_id, repo_type, private, revision)
+        repo_id = _retrying(lambda: _prepare_repo(api, repo_id, repo_type, private, revision), gave_up(repo_id))
         with tempfile.TemporaryDirectory(prefix=f'noisystudent-push-{repo_type}-') as tmp:
             folder = Path(tmp) / 'upload'
             fill(folder, repo_id)
-            return api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=folder, revision=revision,
-                                     create_pr=create_pr, commit_message=commit_message)
+            files = sorted(p for p in folder.rglob('*') if p.is_file())
+
+            def commit():
+                # new operations each time: a failed try leaves its own upload state behind
+                operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=p)
+                              for p in files]
+                return api.create_commit(repo_id=repo_id, repo_type=repo_type, operations=operations,
+                                         revision=revision, create_pr=create_pr, commit_message=commit_message)
+
+            return _retrying(commit, gave_up(repo_id), may_repeat_commit=not create_pr)
+
+
+def _command(name: str, src, repo_id: str, private: bool, revision: Optional[str], create_pr: bool,
+             commit_message: Optional[str], license: Optional[str]) -> str:
+    """The CLI command that repeats this push (a push from `run` too), for the line that asks to rerun it."""
+    import shlex
+
+    args = ['noisystudent', name, os.fspath(src), '--repo-id', repo_id]
+    args += ['--private'] if private else []
+    args += ['--revision', revision] if revision else []
+    args += ['--create-pr'] if create_pr else []
+    args += ['--commit-message', commit_message] if commit_message else []
+    args += ['--license', license] if license else []
+    return shlex.join(args)
 
 
 def _commit_message(source: ModelSource) -> str:
@@ -350,8 +525,9 @@ def push_labels(
         card = labels_card(labels_dir, repo_id=resolved_id, license=license)
         (folder / 'README.md').write_text(str(card), encoding='utf-8')
 
+    command = _command('push-labels', labels_dir, repo_id, private, revision, create_pr, commit_message, license)
     return _upload(fill, repo_id, 'dataset', private, revision, create_pr,
-                   commit_message or 'Upload Noisy Student pseudo labels', token)
+                   commit_message or 'Upload Noisy Student pseudo labels', token, command)
 
 
 def _public_ref(value: Any) -> Any:

@@ -245,8 +245,13 @@ def _hub_download_errors(spec: str):
     """The Hub's errors while fetching a model's weights, as one line that names the repo and the fix."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
+    # huggingface_hub downloads into a temporary .incomplete file that it renames only once whole and
+    # deletes when the download fails (within one run it resumes a cut download itself), so the
+    # cache never holds a cut file and a rerun downloads it anew
+    again = 'the cache keeps no part of it; run the same command again'
     try:
         yield
     except HFValidationError:
@@ -268,6 +273,29 @@ def _hub_download_errors(spec: str):
         raise UserError(f'cannot download the weights of {spec}: the Hub ({hub_endpoint()}) cannot be reached '
                         'and they are not cached; check the network, or set HF_HUB_OFFLINE=1 with a cache that '
                         'holds them.') from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise UserError(f'the Hub ({hub_endpoint()}) refused the download of {spec} ({status}); check HF_TOKEN '
+                            'or `hf auth login`, and that the token can read that repo.') from None
+        if status == 404:
+            raise UserError(f'the repo of {spec} lacks a file that timm loads (404); check that it holds '
+                            'config.json and model.safetensors, as `noisystudent push` uploads them.') from None
+        raise UserError(f'the download of {spec} failed: the Hub ({hub_endpoint()}) answered {status}; '
+                        f'{again}.') from None
+    except _download_transport_errors() as e:
+        raise UserError(f'the download of {spec} failed: the connection to the Hub ({hub_endpoint()}) broke '
+                        f'({type(e).__name__}); {again}.') from None
+
+
+def _download_transport_errors() -> tuple:
+    # huggingface_hub's HTTP client (httpx, or its httpx2 fork in newer releases) raises these
+    import importlib
+
+    for name in ('httpx2', 'httpx'):
+        with contextlib.suppress(ImportError):
+            return (importlib.import_module(name).TransportError,)
+    return ()
 
 
 def check_model_name(spec: str) -> None:
@@ -346,6 +374,23 @@ def _check_weights_file(path: Path, allow_pickle: bool = False) -> None:
     raise UserError(f'{path} has config.json but no model.safetensors; export the model again.')
 
 
+def _unfit(path: Path, e: BaseException) -> UserError:
+    reason = ' '.join(str(e).split()) or type(e).__name__  # load_state_dict's lines, as one
+    return UserError(f'the weights in {path} do not fit the architecture its config.json names '
+                     f'({reason[:200]}); export the model again from its run.')
+
+
+def check_weights_fit(path: Path) -> None:
+    """The weights of the model directory ``path`` load into the model its config.json describes, as
+    plain timm (``local-dir:``) loads them; the model is built on the meta device, so it costs no memory."""
+    try:
+        with warnings.catch_warnings(), torch.device('meta'):
+            warnings.simplefilter('ignore')  # loading into meta parameters is a no-op, and says so per tensor
+            timm.create_model(f'local-dir:{path}', pretrained=True)
+    except (RuntimeError, AttributeError, KeyError, ValueError) as e:  # AttributeError: another architecture
+        raise _unfit(path, e) from None
+
+
 def load_model(
         spec: Union[str, os.PathLike],
         pretrained: bool = True,
@@ -376,11 +421,10 @@ def load_model(
         try:
             model = timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs)
         except RuntimeError as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             if (path / 'model.safetensors').is_file():  # missing, extra or mis-sized tensors
-                raise UserError(f'the weights in {path} do not fit the architecture its config.json names '
-                                f'({reason[:200]}); export the model again from its run.') from None
+                raise _unfit(path, e) from None
             # timm's weights_only=True load refused a pickle holding more than tensors
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f'cannot load the pickled weights in {path} with weights_only=True: {reason}') from None
     elif os.sep in spec or path.exists():
         raise UserError(f'model directory {spec} does not exist or has no config.json.')
