@@ -1,5 +1,5 @@
-"""Reproduce the README's results tables: the loop with its defaults on the dev tasks, against a
-same-budget supervised baseline.
+"""Reproduce the results tables (docs/results.md, the README): the loop with its defaults on the
+dev tasks, against a same-budget supervised baseline.
 
     python scripts/results.py                          # every task but cifar10-1k-7k, every model
     python scripts/results.py --tasks digits --models test_efficientnet
@@ -58,12 +58,12 @@ TASKS = {
     'cifar10-1k': {'labeled': 'train[:1000]', 'unlabeled': 'train[4000:24000]', 'eval': 'train[45000:]'},
     # small enough for tf_efficientnet_b0 on a 2-core CPU: its students take one image per labeled one
     'cifar10-1k-small': {'labeled': 'train[:1000]', 'unlabeled': 'train[4000:6000]', 'eval': 'train[45000:47000]'},
-    # 4,000 labeled, 3,000 unlabeled, 2,000 eval: cifar10-4k with a smaller unlabeled set (README)
+    # 4,000 labeled, 3,000 unlabeled, 2,000 eval: cifar10-4k with a smaller unlabeled set (docs/decisions.md)
     'cifar10-4k-small': {'labeled': 'train[:4000]', 'unlabeled': 'train[4000:7000]', 'eval': 'train[45000:47000]'},
     # 4,000 labeled, 12,000 unlabeled, 2,000 eval: about as many unlabeled images as 63 student steps
-    # an epoch take at unlabeled_ratio 3 (12,096), so a student costs what cifar10-4k-small's does (README)
+    # an epoch take at unlabeled_ratio 3 (12,096), so a student costs what cifar10-4k-small's does (docs/decisions.md)
     'cifar10-4k-12k': {'labeled': 'train[:4000]', 'unlabeled': 'train[4000:16000]', 'eval': 'train[45000:47000]'},
-    # 1,000 labeled, 7,000 unlabeled, 2,000 eval, as in the collapse report (README); with -- teacher.epochs=40
+    # 1,000 labeled, 7,000 unlabeled, 2,000 eval, as in the collapse report (docs/decisions.md); with -- teacher.epochs=40
     'cifar10-1k-7k': {'labeled': 'train[:1000]', 'unlabeled': 'train[4000:11000]', 'eval': 'train[45000:47000]'},
 }
 MODELS = ('test_efficientnet', 'lcnet_050', 'tinynet_e', 'tf_efficientnet_b0')

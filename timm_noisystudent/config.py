@@ -61,7 +61,7 @@ PRESETS = {
 PRESET_CHOICES = ('auto',) + tuple(PRESETS)
 # the bound on each optimizer step's global gradient norm when train.clip_grad is null. small-data
 # clips: unclipped, its small models' curves fell at the peak lr and the loop's restarts cost what
-# the pseudo labels gained (measured on the dev tasks, see the README); the paper's recipe does not
+# the pseudo labels gained (measured on the dev tasks, docs/decisions.md); the paper's recipe does not
 PRESET_CLIP_GRAD = {'small-data': 1.0, 'finetune': 1.0, 'paper': None}
 # a stage's budget when train.epochs / train.min_steps are null. From random weights a few thousand
 # images want 60 epochs and at least 1,000 steps; a pretrained backbone's eval curve flattens after
@@ -74,7 +74,7 @@ PRESET_STUDENT_EPOCHS = {'small-data': None, 'finetune': 5, 'paper': None}
 PRESET_MIN_STEPS = {'small-data': 1000, 'finetune': 300, 'paper': 1000}
 # small-data's peak lr falls with the square root of the model's width (the classifier's input:
 # timm's head_hidden_size where a model has a head conv after pooling, as lcnet and MobileNetV3 do,
-# else num_features), up to a cap. Measured on the dev tasks (see the README): tf_efficientnet_b0
+# else num_features), up to a cap. Measured on the dev tasks (docs/decisions.md): tf_efficientnet_b0
 # (1280 features) trains best at 3e-3 (digits teacher 90.0 against 83.5 at 6e-3, and steadier on
 # CIFAR-10), test_efficientnet (256) at 6e-3 (cifar10-4k: the loop 63.96 against 60.46 at 3e-3);
 # lcnet_050 (256 pooled, 1280 at the classifier) at 3e-3 (cifar10-4k-small teacher 40.35 against 30.85)
@@ -177,7 +177,7 @@ class TrainConfig:
     min_lr: Optional[float] = None
     label_smoothing: float = 0.1
     # 'teacher': a student of its teacher's architecture starts from the teacher's weights, so the
-    # loop's steps add up instead of starting over (measured on the dev tasks, see the README);
+    # loop's steps add up instead of starting over (measured on the dev tasks, docs/decisions.md);
     # 'scratch': every student starts from random weights, as the paper's ImageNet runs do
     student_init: str = 'teacher'
     ema_decay: Optional[float] = None  # None -> chosen from run length
@@ -199,7 +199,7 @@ class TrainConfig:
     # labeled set's epochs are repeated (30 epochs of 100 labeled digits are 30 steps). A student step
     # of B labeled + ratio x B pseudo-labeled images counts 1 + ratio, so a student trains at least
     # its teacher's images, not 1 + ratio times them (measured on the dev tasks: on digits the
-    # students of 1,000 steps overfit their pseudo labels, see the README); 0 = off; None: the
+    # students of 1,000 steps overfit their pseudo labels, docs/decisions.md); 0 = off; None: the
     # preset's (PRESET_MIN_STEPS: 1000 from random weights, 300 from pretrained ones)
     min_steps: Optional[int] = None
     max_steps: Optional[int] = None  # cap for tests and smoke runs

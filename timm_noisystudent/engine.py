@@ -49,7 +49,7 @@ from .models import (
 
 # the student noise at 64 px and below when neither the config nor the variant's recipe names one:
 # on CIFAR-10 with 4,000 labels (test_efficientnet, 32 px) it lifted the last student from 58.6%
-# to 59.5% top-1 (README, "Results")
+# to 59.5% top-1 (docs/results.md)
 SMALL_IMAGE_NOISE = 'tf-m6-n2'
 
 

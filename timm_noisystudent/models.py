@@ -456,7 +456,7 @@ def zero_new_head(model: torch.nn.Module, spec: Union[str, os.PathLike], pretrai
     id's, a directory's) come with another class count. timm's EfficientNet init draws a C-class head
     from U(+-1/sqrt(C)), so a 10-class head starts with logits of std 4-6 and a first loss near 6
     (ln 10 is 2.3); B0 then spends its first few hundred steps undoing it. A zero head starts every
-    class at 1/C and the backbone learns from the second step (measured, see the README).
+    class at 1/C and the backbone learns from the second step (measured, docs/decisions.md).
     """
     if checkpoint is not None:
         return False
@@ -600,7 +600,7 @@ def small_map_depthwise_pays(device: torch.device) -> bool:
     Measured on a 2-core AVX2-only AMD EPYC: oneDNN's backward of a 5x5 depthwise conv over a 1x1 map
     (1,152 channels, batch 64) took 68 ms against a 0.6 ms forward, and cropping the kernels took
     B0's bare forward+backward at 32 px from 118 to 182 img/s (``noisystudent bench``). On AVX-512 the
-    full kernel is fast and is kept (the README's results were measured there), as it is on GPUs."""
+    full kernel is fast and is kept (the dev-task results were measured there), as it is on GPUs."""
     return device.type == 'cpu' and torch.backends.cpu.get_cpu_capability() == 'AVX2'
 
 

@@ -434,16 +434,16 @@ def students_beat_teachers(summary: Dict[str, Any]) -> bool:
 def _few_unlabeled(stats: Dict[str, Any], teacher_row: Dict[str, Any]) -> Optional[str]:
     """A warning when the unlabeled set is smaller than the labeled one; None when it is not.
 
-    Measured on CIFAR-10 with 4,000 labels and 3,000 unlabeled images (README, "When the unlabeled
-    images are few"): the loop's students gained what the same warm restarts without any unlabeled
+    Measured on CIFAR-10 with 4,000 labels and 3,000 unlabeled images (docs/how-it-works.md, "When
+    the unlabeled images are few"): the loop's students gained what the same warm restarts without any unlabeled
     data gained, and ended below one supervised schedule of the loop's length.
     """
     unlabeled, labeled = stats.get('rows_labeled'), teacher_row.get('labeled_images')
     if not unlabeled or not labeled or unlabeled >= labeled:
         return None
     return (f'the unlabeled set has {unlabeled:,} images, fewer than the {labeled:,} labeled ones: with so few, '
-            'a student gains about what more supervised training would (README, "When the unlabeled images are '
-            'few"); add unlabeled images if you can.')
+            'a student gains about what more supervised training would (docs/how-it-works.md, "When the unlabeled '
+            'images are few"); add unlabeled images if you can.')
 
 
 def _selected_by(cfg: RunConfig) -> Optional[str]:
