@@ -30,6 +30,14 @@ def test_import_emits_no_warnings():
     assert proc.stderr == ''
 
 
+def test_the_plugin_import_pulls_in_neither_accelerate_nor_datasets():
+    # a timm user who only wants the _ns entrypoints pays for timm, not for the trainer's libraries
+    proc = _run('import sys, timm_noisystudent\n'
+                "print(sorted(m for m in ('accelerate', 'datasets', 'pyarrow') if m in sys.modules))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == '[]'
+
+
 def test_timm_alone_still_warns_so_the_plugin_is_what_silences_it():
     proc = _run("import timm; timm.create_model('tf_efficientnet_b0_ns')")
     assert proc.returncode != 0

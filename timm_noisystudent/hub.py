@@ -38,8 +38,8 @@ from .files import DiskFull, fsync_file, full_disk_errno, replace_dir
 from .cards import (
     bare_card, labels_card, model_card, portable_config, read_model_config,
 )
-from .rundir import ModelSource, labels_files, pickled_weights, resolve_source
-from .models import check_safetensors, check_weights_fit, hub_endpoint, read_state_dict
+from .rundir import ModelSource, labels_files, resolve_source
+from .models import check_safetensors, check_weights_fit, hub_endpoint, pickled_weights, read_state_dict
 
 __all__ = ['export', 'push', 'push_labels', 'portable_stats', 'check_repo_id', 'check_revision']
 

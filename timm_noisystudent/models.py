@@ -22,14 +22,27 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 
 from .config import SMALL_DATA_LR_FEATURES, UserError
 from .files import DiskFull, fsync_file, full_disk_errno, replace_dir
-from .rundir import PICKLE_FILES, TIMM_PICKLES, is_model_dir
 
 __all__ = [
     'NSRecipe', 'NS_RECIPES', 'ns_recipe', 'load_model', 'save_model', 'label_names_of',
     'data_config_of', 'count_params', 'architecture_of', 'final_feature_size', 'small_input_warning', 'predict',
-    'open_image', 'load_weights', 'read_state_dict', 'is_model_dir', 'crop_small_map_depthwise',
+    'open_image', 'load_weights', 'read_state_dict', 'is_model_dir', 'pickled_weights', 'crop_small_map_depthwise',
     'small_map_depthwise_pays', 'zero_new_head',
 ]
+
+# pickled weight files: timm's local-dir loader reads the first three (torch.load(weights_only=True));
+# `export --allow-pickle` converts any of them to model.safetensors
+TIMM_PICKLES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+PICKLE_FILES = TIMM_PICKLES + ('model.pt', 'model.bin', 'model.ckpt')
+
+
+def is_model_dir(path: Path) -> bool:
+    """A directory that ``load_model`` reads: a ``config.json`` and its weights beside it."""
+    return path.is_dir() and (path / 'config.json').is_file()
+
+
+def pickled_weights(path: Path) -> Optional[Path]:
+    return next((path / name for name in PICKLE_FILES if (path / name).is_file()), None)
 
 
 @dataclass(frozen=True)

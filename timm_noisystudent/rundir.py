@@ -18,13 +18,8 @@ import yaml
 
 from .config import RunConfig, UserError
 from .files import LOCK_NAME, write_json_atomic
+from .models import is_model_dir, pickled_weights
 from .runtime import process_state
-
-
-def is_model_dir(path: Path) -> bool:
-    """A directory that ``load_model`` reads: a ``config.json`` and its weights beside it."""
-    return path.is_dir() and (path / 'config.json').is_file()
-
 
 
 STAGE_NAME = re.compile(r'^iter(\d+)-(teacher|student|labels)$')
@@ -155,12 +150,6 @@ def start_stage(stage_dir: Path, config_hash_: str) -> None:
     process_state().wait_for_everyone()
 
 
-# pickled weight files: timm's local-dir loader reads the first three (torch.load(weights_only=True));
-# `export --allow-pickle` converts any of them to model.safetensors
-TIMM_PICKLES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
-PICKLE_FILES = TIMM_PICKLES + ('model.pt', 'model.bin', 'model.ckpt')
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """An exportable model and the run context around it (each part may be missing).
@@ -181,10 +170,6 @@ def is_run_dir(path: Path) -> bool:
         return True
     return (path / 'config.yaml').is_file() and any(
         STAGE_NAME.match(p.name) or p.name in (FINETUNE, 'final') for p in path.iterdir() if p.is_dir())
-
-
-def pickled_weights(path: Path) -> Optional[Path]:
-    return next((path / name for name in PICKLE_FILES if (path / name).is_file()), None)
 
 
 def check_exportable(path: Path, allow_pickle: bool = False) -> None:
