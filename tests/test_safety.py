@@ -581,6 +581,35 @@ def test_a_file_name_with_a_newline_is_listed(data_root, tmp_path, model_dir, ca
     assert 'labeled 9 images (0 undecodable' in capsys.readouterr().out
 
 
+def test_a_file_name_that_is_not_utf8_is_left_out_with_one_warning(data_root, tmp_path, model_dir, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=8)
+    odd = os.fsdecode(b'0003-odd\xff\xfe.png')  # sorts among the others; bytes that are not UTF-8
+    try:
+        shutil.copy(sorted((data_root / 'unlabeled').iterdir())[20], unl / odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip('this file system refuses names that are not UTF-8')
+    assert main(_label(model_dir, unl, tmp_path / 'labels')) == 0
+    captured = capsys.readouterr()
+    assert 'labeled 8 images (0 undecodable' in captured.out and 'Traceback' not in captured.err
+    assert ('left out 1 image file(s) whose name is not valid UTF-8, such as "0003-odd\\xff\\xfe.png"'
+            in captured.err)
+    stats = json.loads((tmp_path / 'labels' / 'stats.json').read_text())
+    assert stats['source_identity']['rows'] == 8
+    # the same rows again, so the labels pair with them
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'),
+                       '--max-steps', '1')) == 0
+    (unl / odd).rename(unl / '0003-odd.png')
+    assert main(_train(data_root, tmp_path / 'student2', '--pseudo', str(tmp_path / 'labels'),
+                       '--max-steps', '1')) == 2
+    assert 'rows' in _error_line(capsys.readouterr().err)
+    for f in unl.iterdir():
+        if f.name != '0003-odd.png':
+            f.unlink()
+    (unl / '0003-odd.png').rename(unl / odd)
+    assert main(_label(model_dir, unl, tmp_path / 'labels2')) == 2
+    assert 'names of its 1 image file(s) are not valid UTF-8' in _error_line(capsys.readouterr().err)
+
+
 def test_a_folder_with_metadata_is_read_by_datasets(data_root, tmp_path):
     from timm_noisystudent.data import load_source
     root = _unlabeled_copy(data_root, tmp_path / 'meta', n=4)

@@ -196,6 +196,15 @@ def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
             bar.update(len(paths) - bar.n)
     finally:
         bar.close()  # also when datasets reads the folder instead: no stray '0files' line
+    odd = [p for p in paths if not _utf8(p)]
+    if odd:  # Arrow strings are UTF-8: such a name cannot be listed, so its file is left out, and said
+        paths = [p for p in paths if _utf8(p)]
+        shown = os.fsencode(os.path.relpath(min(odd), root)).decode('utf-8', 'backslashreplace')
+        if not paths:
+            raise UserError(f'no image of {root} can be read: the names of its {len(odd)} image file(s) are not '
+                            f'valid UTF-8, such as "{shown}"; rename them (or the folders above them).')
+        warnings.warn(f'{root}: left out {len(odd)} image file(s) whose name is not valid UTF-8, such as '
+                      f'"{shown}"; rename them to include them.', stacklevel=2)
     if not paths:
         raise UserError(f'no images or data files found in {root}.')
     paths.sort()
@@ -213,6 +222,14 @@ def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
     table = pa.table(columns)
     return datasets.Dataset(datasets.table.InMemoryTable(table),
                             info=datasets.DatasetInfo(features=datasets.Features(features)))
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode('utf-8')
+    except UnicodeEncodeError:  # undecodable bytes of a file name, as os.scandir gives them (surrogateescape)
+        return False
+    return True
 
 
 def _folder_split(ds: datasets.Dataset, source: DataSource) -> datasets.Dataset:
