@@ -123,6 +123,35 @@ def test_a_relative_path_is_found_from_another_working_directory(data_root, mode
                        '--unlabeled-data', 'unlabeled')) == 2
 
 
+def test_a_quoted_tilde_means_the_home_folder_for_every_path(data_root, model_dir, tmp_path, monkeypatch, capsys):
+    home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+    _unlabeled_copy(data_root, home / 'unl', n=8)
+    shutil.copytree(model_dir, home / 'model')
+    shutil.copy(sorted((data_root / 'unlabeled').iterdir())[30], home / 'img.png')
+    (home / 'train.yaml').write_text('train: {batch_size: 4}\n')
+    cwd.mkdir()
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.chdir(cwd)
+    assert main(_label('~/model', '~/unl', '~/labels')) == 0
+    assert main(['train', '--data', str(data_root / 'labeled'), '--model', MODEL, '--image-size', '32',
+                 '--epochs', '1', '--num-workers', '0', '--mixed-precision', 'no', '--min-steps', '0',
+                 '--max-steps', '1', '--pseudo', '~/labels', '--unlabeled-data', '~/unl', '--init-from', '~/model',
+                 '--config', '~/train.yaml', '-o', '~/student']) == 0
+    assert main(['predict', '~/img.png', '--model', '~/student/model', '--json']) == 0
+    assert main(['export', '~/student', '~/exp']) == 0
+    out = capsys.readouterr().out
+    assert str(home / 'img.png') in out and f'-> {home}/exp' in out
+    assert json.loads((home / 'student' / 'metrics.json').read_text())['batch_size'] == 4
+    assert (home / 'labels' / 'stats.json').is_file() and (home / 'exp' / 'model.safetensors').is_file()
+    assert list(cwd.iterdir()) == []  # no literal '~' folder
+    from timm_noisystudent.cli import _expand_user, build_parser
+    for argv in (['run', '~/run.yaml', '-o', '~'], ['bench', '--workdir', '~/w', '--json', '~/b.json'],
+                 ['push', '~/r', '--repo-id', 'a/b'], ['push-labels', '~/l', '--repo-id', 'a/b']):
+        args = build_parser().parse_args(argv)
+        _expand_user(args)
+        assert not any(str(v).startswith('~') for v in vars(args).values()), (argv, vars(args))
+
+
 def test_a_resumed_run_refuses_labels_of_a_changed_folder(data_root, tmp_path, capsys):
     unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=32)
     cfg = {

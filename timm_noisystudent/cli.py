@@ -527,9 +527,26 @@ def _print_error(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+# every option and argument that names a file or directory (a timm name or Hub id never starts with '~')
+_PATH_ARGS = ('data', 'eval_data', 'unlabeled_data', 'output', 'pseudo', 'init_from', 'checkpoint', 'config',
+              'images', 'src', 'out', 'labels_dir', 'workdir', 'json', 'model', 'teacher')
+
+
+def _expand_user(args) -> None:
+    """``~`` and ``~user`` at the start of a path mean the home folder for every command, also when a
+    shell passed them on quoted: expanded once here, so no later step sees the literal ``~``."""
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _expand_user(args)
     warnings.showwarning = _show_warning
     try:
         args.fn(args)
