@@ -501,6 +501,20 @@ def test_threshold_zero_gives_no_advice_to_lower_it(data_root, model_dir, tmp_pa
     assert 'lower the threshold' not in capsys.readouterr().err
 
 
+def test_labels_of_images_none_of_which_decoded_say_so_not_lower_the_threshold(data_root, model_dir, tmp_path,
+                                                                               capsys):
+    bad = tmp_path / 'allbad'
+    bad.mkdir()
+    for i in range(4):
+        (bad / f'b{i}.png').write_text(f'not an image {i}')
+    assert main(_label(model_dir, bad, tmp_path / 'labels')) == 2
+    capsys.readouterr()
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'))) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert 'none of the 4 images it was made from could be decoded' in line and 'stats.json' in line
+    assert 'threshold' not in line
+
+
 def test_fsdp_on_cpu_is_one_line_from_one_process(data_root, tmp_path):
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--use_fsdp', '--num_processes', '2',
            '-m', 'timm_noisystudent', *_train(data_root, tmp_path / 'out')]

@@ -783,11 +783,24 @@ def read_pseudo(pseudo_dir: Path) -> tuple:
     """The selected pseudo labels of a label directory, and its stats."""
     stats, files = labels_files(Path(pseudo_dir))
     if stats.get('rows_after') == 0:
-        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
+        raise UserError(_no_rows(pseudo_dir, stats))
     table = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
     if len(table) == 0:
-        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
+        raise UserError(_no_rows(pseudo_dir, stats))
     return table, stats
+
+
+def _no_rows(pseudo_dir, stats: Dict[str, Any]) -> str:
+    """Why a label directory holds no rows, as far as its stats.json tells."""
+    failed = stats.get('failed_count') or 0
+    if not stats.get('rows_labeled') and failed:
+        return (f'{pseudo_dir} holds no pseudo-labeled rows: none of the {failed} images it was made from could be '
+                f'decoded (they are listed in {Path(pseudo_dir) / "stats.json"}); check those files, the path and '
+                'the image column, then label again.')
+    threshold = stats.get('threshold')
+    if isinstance(threshold, (int, float)) and threshold > 0:
+        return f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold ({threshold:g}) and label again.'
+    return f'{pseudo_dir} holds no pseudo-labeled rows; label again.'
 
 
 def check_pseudo_values(pseudo_dir, table, num_classes: int, unlabeled_rows: int) -> None:
