@@ -561,6 +561,20 @@ def test_an_export_follows_the_umask(model_dir, tmp_path):
     assert (tmp_path / 'exp').stat().st_mode & 0o777 == 0o755
 
 
+def test_trained_weights_have_the_mode_of_their_config_json(data_root, tmp_path):
+    old = os.umask(0o002)
+    try:
+        assert main(_train(data_root, tmp_path / 'out', '--max-steps', '2', '--checkpoint-every', '1')) == 0
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    model = tmp_path / 'out' / 'model'
+    assert mode(model / 'config.json') == mode(model / 'model.safetensors') == 0o664
+    checkpoint = sorted((tmp_path / 'out' / 'checkpoints').glob('step-*'))[-1]
+    assert {p.name: mode(p) for p in checkpoint.glob('*.safetensors')} == \
+        {'model.safetensors': 0o664, 'ema.safetensors': 0o664}
+
+
 # --- also --------------------------------------------------------------------------------------------
 
 def test_every_flag_has_help():
