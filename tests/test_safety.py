@@ -449,6 +449,19 @@ def test_run_checks_every_stage_before_the_teacher_trains(override, expected, da
     assert main(['run', str(config), *override]) == 2
     assert expected in _error_line(capsys.readouterr().err)
     assert not (tmp_path / 'run').exists()
+    assert main(['run', str(config), *override, '--print-config']) == 2  # what run refuses is not printed as fine
+    assert expected in _error_line(capsys.readouterr().err)
+
+
+def test_print_config_refuses_a_bad_repo_id_and_needs_no_token(data_root, tmp_path, capsys, monkeypatch):
+    config = _run_config(data_root, tmp_path, students=[{'model': MODEL}])
+    assert main(['run', str(config), 'hub.repo_id=my org/bad name', '--print-config']) == 2
+    assert "hub.repo_id: invalid repo id 'my org/bad name'" in _error_line(capsys.readouterr().err)
+    monkeypatch.delenv('HF_TOKEN')
+    assert main(['run', str(config), 'hub.repo_id=my-org/good']) == 2  # run needs the token to push at the end
+    assert 'no Hugging Face token' in _error_line(capsys.readouterr().err)
+    assert main(['run', str(config), 'hub.repo_id=my-org/good', '--print-config']) == 0
+    assert 'repo_id: my-org/good' in capsys.readouterr().out
 
 
 def test_a_run_inside_its_data_is_refused(data_root, tmp_path, capsys):

@@ -255,10 +255,26 @@ def _cmd_run(args) -> None:
     if args.output:
         cfg.output = args.output
     if args.print_config:
+        _check_printed(cfg)
         _print_main(config_to_yaml(cfg).rstrip() + '\n' + presets_note(cfg) + lr_note(cfg) + clip_note(cfg)
                     + epochs_note(cfg))
         return
     run(cfg, restart_from=args.restart_from, progress=not args.no_progress)
+
+
+def _check_printed(cfg) -> None:
+    """--print-config refuses what `run` refuses before its teacher trains (a bad model name, noise spec,
+    tracker or hub.repo_id), all but a missing token, which printing does not need."""
+    from dataclasses import replace
+
+    from .hub import check_repo_id
+    from .pipeline import _check_before_training
+    if cfg.hub.repo_id:
+        try:
+            check_repo_id(cfg.hub.repo_id)
+        except UserError as e:
+            raise UserError(f'hub.repo_id: {e}') from None
+    _check_before_training(replace(cfg, hub=replace(cfg.hub, repo_id=None)))
 
 
 def _cmd_demo(args) -> None:
