@@ -344,6 +344,8 @@ def bad_models(model_dir, tmp_path_factory):
     one_class = root / 'one-class' / 'cats'
     one_class.mkdir(parents=True)
     out['one-class'] = root / 'one-class'
+    shutil.copytree(model_dir, root / 'stages-only' / 'iter0-teacher' / 'model')  # a run's stage, no config.yaml
+    out['stages-only'] = root / 'stages-only'
     return out
 
 
@@ -391,6 +393,10 @@ CASES = {
                                          'it must be [3, H, W] with H and W above 0'),
     'the label column as the image column': (['train', '--data', '{labeled}', '--model', MODEL, '-o', '{out}',
                                               '--image-column', 'label'], "'label' is both the image and the label"),
+    'run stages without the run': (['export', '{stages-only}', '{out}'],
+                                    'holds run stages (iter0-teacher) but no config.yaml, so it is not a run '
+                                    'directory; export one of its stage directories, such as '
+                                    '{stages-only}/iter0-teacher.'),
     'a moved relative path': (['train', '--data', '{rel-missing}', '--model', MODEL, '-o', '{out}'],
                               'data path {rel-missing} does not exist'),
 }
