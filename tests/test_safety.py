@@ -557,6 +557,17 @@ def test_push_private_to_an_existing_public_repo_is_refused(model_dir, hub_serve
     assert main(['push', str(model_dir), '--repo-id', repo]) == 0
 
 
+def test_a_pull_request_of_unchanged_files_says_nothing_was_pushed(model_dir, hub_server, capsys):
+    repo = hub_server.unique_repo_id('same')
+    assert main(['push', str(model_dir), '--repo-id', repo]) == 0
+    capsys.readouterr()
+    before = len(hub_server.commits('model', repo))
+    assert main(['push', str(model_dir), '--repo-id', repo, '--create-pr']) == 0
+    out = capsys.readouterr().out
+    assert f"nothing to push: {model_dir}'s files equal those on main of {repo}; no pull request opened" in out
+    assert 'pushed' not in out and len(hub_server.commits('model', repo)) == before
+
+
 def test_pushed_stats_carry_no_local_paths(data_root, model_dir, hub_server, tmp_path, capsys):
     unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=16)
     labels = tmp_path / 'labels'

@@ -218,13 +218,21 @@ def _pushed(info) -> str:
     return f'pull request: {info.pr_url}' if info.pr_url else f'commit: {info.commit_url}'
 
 
+def _say_pushed(args, what: str, where: str, info) -> None:
+    if args.create_pr and not info.pr_url:  # huggingface_hub skips a commit that changes nothing
+        _print_main(f"nothing to push: {what}'s files equal those on {args.revision or 'main'} of {where}; "
+                    f'no pull request opened (latest commit: {info.commit_url})')
+    else:
+        _print_main(f'pushed {what} to {where}; {_pushed(info)}')
+
+
 def _cmd_push(args) -> None:
     from .hub import push
 
     if _is_main_process():
         info = push(args.src, args.repo_id, private=args.private, revision=args.revision,
                     create_pr=args.create_pr, commit_message=args.commit_message, license=args.license)
-        _print_main(f'pushed {args.src} to {args.repo_id}; {_pushed(info)}')
+        _say_pushed(args, args.src, args.repo_id, info)
 
 
 def _cmd_push_labels(args) -> None:
@@ -233,7 +241,7 @@ def _cmd_push_labels(args) -> None:
     if _is_main_process():
         info = push_labels(args.labels_dir, args.repo_id, private=args.private, revision=args.revision,
                            create_pr=args.create_pr, commit_message=args.commit_message, license=args.license)
-        _print_main(f'pushed {args.labels_dir} to dataset {args.repo_id}; {_pushed(info)}')
+        _say_pushed(args, args.labels_dir, f'dataset {args.repo_id}', info)
 
 
 def _add_push_args(p) -> None:
