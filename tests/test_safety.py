@@ -123,6 +123,35 @@ def test_a_relative_path_is_found_from_another_working_directory(data_root, mode
                        '--unlabeled-data', 'unlabeled')) == 2
 
 
+def test_a_quoted_tilde_means_the_home_folder_for_every_path(data_root, model_dir, tmp_path, monkeypatch, capsys):
+    home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+    _unlabeled_copy(data_root, home / 'unl', n=8)
+    shutil.copytree(model_dir, home / 'model')
+    shutil.copy(sorted((data_root / 'unlabeled').iterdir())[30], home / 'img.png')
+    (home / 'train.yaml').write_text('train: {batch_size: 4}\n')
+    cwd.mkdir()
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.chdir(cwd)
+    assert main(_label('~/model', '~/unl', '~/labels')) == 0
+    assert main(['train', '--data', str(data_root / 'labeled'), '--model', MODEL, '--image-size', '32',
+                 '--epochs', '1', '--num-workers', '0', '--mixed-precision', 'no', '--min-steps', '0',
+                 '--max-steps', '1', '--pseudo', '~/labels', '--unlabeled-data', '~/unl', '--init-from', '~/model',
+                 '--config', '~/train.yaml', '-o', '~/student']) == 0
+    assert main(['predict', '~/img.png', '--model', '~/student/model', '--json']) == 0
+    assert main(['export', '~/student', '~/exp']) == 0
+    out = capsys.readouterr().out
+    assert str(home / 'img.png') in out and f'-> {home}/exp' in out
+    assert json.loads((home / 'student' / 'metrics.json').read_text())['batch_size'] == 4
+    assert (home / 'labels' / 'stats.json').is_file() and (home / 'exp' / 'model.safetensors').is_file()
+    assert list(cwd.iterdir()) == []  # no literal '~' folder
+    from timm_noisystudent.cli import _expand_user, build_parser
+    for argv in (['run', '~/run.yaml', '-o', '~'], ['bench', '--workdir', '~/w', '--json', '~/b.json'],
+                 ['push', '~/r', '--repo-id', 'a/b'], ['push-labels', '~/l', '--repo-id', 'a/b']):
+        args = build_parser().parse_args(argv)
+        _expand_user(args)
+        assert not any(str(v).startswith('~') for v in vars(args).values()), (argv, vars(args))
+
+
 def test_a_resumed_run_refuses_labels_of_a_changed_folder(data_root, tmp_path, capsys):
     unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=32)
     cfg = {
@@ -315,6 +344,8 @@ def bad_models(model_dir, tmp_path_factory):
     one_class = root / 'one-class' / 'cats'
     one_class.mkdir(parents=True)
     out['one-class'] = root / 'one-class'
+    shutil.copytree(model_dir, root / 'stages-only' / 'iter0-teacher' / 'model')  # a run's stage, no config.yaml
+    out['stages-only'] = root / 'stages-only'
     return out
 
 
@@ -362,6 +393,10 @@ CASES = {
                                          'it must be [3, H, W] with H and W above 0'),
     'the label column as the image column': (['train', '--data', '{labeled}', '--model', MODEL, '-o', '{out}',
                                               '--image-column', 'label'], "'label' is both the image and the label"),
+    'run stages without the run': (['export', '{stages-only}', '{out}'],
+                                    'holds run stages (iter0-teacher) but no config.yaml, so it is not a run '
+                                    'directory; export one of its stage directories, such as '
+                                    '{stages-only}/iter0-teacher.'),
     'a moved relative path': (['train', '--data', '{rel-missing}', '--model', MODEL, '-o', '{out}'],
                               'data path {rel-missing} does not exist'),
 }
@@ -420,6 +455,19 @@ def test_run_checks_every_stage_before_the_teacher_trains(override, expected, da
     assert main(['run', str(config), *override]) == 2
     assert expected in _error_line(capsys.readouterr().err)
     assert not (tmp_path / 'run').exists()
+    assert main(['run', str(config), *override, '--print-config']) == 2  # what run refuses is not printed as fine
+    assert expected in _error_line(capsys.readouterr().err)
+
+
+def test_print_config_refuses_a_bad_repo_id_and_needs_no_token(data_root, tmp_path, capsys, monkeypatch):
+    config = _run_config(data_root, tmp_path, students=[{'model': MODEL}])
+    assert main(['run', str(config), 'hub.repo_id=my org/bad name', '--print-config']) == 2
+    assert "hub.repo_id: invalid repo id 'my org/bad name'" in _error_line(capsys.readouterr().err)
+    monkeypatch.delenv('HF_TOKEN')
+    assert main(['run', str(config), 'hub.repo_id=my-org/good']) == 2  # run needs the token to push at the end
+    assert 'no Hugging Face token' in _error_line(capsys.readouterr().err)
+    assert main(['run', str(config), 'hub.repo_id=my-org/good', '--print-config']) == 0
+    assert 'repo_id: my-org/good' in capsys.readouterr().out
 
 
 def test_a_run_inside_its_data_is_refused(data_root, tmp_path, capsys):
@@ -472,6 +520,20 @@ def test_threshold_zero_gives_no_advice_to_lower_it(data_root, model_dir, tmp_pa
     assert 'lower the threshold' not in capsys.readouterr().err
 
 
+def test_labels_of_images_none_of_which_decoded_say_so_not_lower_the_threshold(data_root, model_dir, tmp_path,
+                                                                               capsys):
+    bad = tmp_path / 'allbad'
+    bad.mkdir()
+    for i in range(4):
+        (bad / f'b{i}.png').write_text(f'not an image {i}')
+    assert main(_label(model_dir, bad, tmp_path / 'labels')) == 2
+    capsys.readouterr()
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'))) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert 'none of the 4 images it was made from could be decoded' in line and 'stats.json' in line
+    assert 'threshold' not in line
+
+
 def test_fsdp_on_cpu_is_one_line_from_one_process(data_root, tmp_path):
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--use_fsdp', '--num_processes', '2',
            '-m', 'timm_noisystudent', *_train(data_root, tmp_path / 'out')]
@@ -495,6 +557,17 @@ def test_push_private_to_an_existing_public_repo_is_refused(model_dir, hub_serve
     assert main(['push', str(model_dir), '--repo-id', repo]) == 0
 
 
+def test_a_pull_request_of_unchanged_files_says_nothing_was_pushed(model_dir, hub_server, capsys):
+    repo = hub_server.unique_repo_id('same')
+    assert main(['push', str(model_dir), '--repo-id', repo]) == 0
+    capsys.readouterr()
+    before = len(hub_server.commits('model', repo))
+    assert main(['push', str(model_dir), '--repo-id', repo, '--create-pr']) == 0
+    out = capsys.readouterr().out
+    assert f"nothing to push: {model_dir}'s files equal those on main of {repo}; no pull request opened" in out
+    assert 'pushed' not in out and len(hub_server.commits('model', repo)) == before
+
+
 def test_pushed_stats_carry_no_local_paths(data_root, model_dir, hub_server, tmp_path, capsys):
     unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=16)
     labels = tmp_path / 'labels'
@@ -516,6 +589,20 @@ def test_an_export_follows_the_umask(model_dir, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / 'exp').stat().st_mode & 0o777 == 0o755
+
+
+def test_trained_weights_have_the_mode_of_their_config_json(data_root, tmp_path):
+    old = os.umask(0o002)
+    try:
+        assert main(_train(data_root, tmp_path / 'out', '--max-steps', '2', '--checkpoint-every', '1')) == 0
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    model = tmp_path / 'out' / 'model'
+    assert mode(model / 'config.json') == mode(model / 'model.safetensors') == 0o664
+    checkpoint = sorted((tmp_path / 'out' / 'checkpoints').glob('step-*'))[-1]
+    assert {p.name: mode(p) for p in checkpoint.glob('*.safetensors')} == \
+        {'model.safetensors': 0o664, 'ema.safetensors': 0o664}
 
 
 # --- also --------------------------------------------------------------------------------------------
@@ -579,6 +666,35 @@ def test_a_file_name_with_a_newline_is_listed(data_root, tmp_path, model_dir, ca
     shutil.copy(sorted((data_root / 'unlabeled').iterdir())[20], unl / 'odd\nname.png')
     assert main(_label(model_dir, unl, tmp_path / 'labels')) == 0
     assert 'labeled 9 images (0 undecodable' in capsys.readouterr().out
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_with_one_warning(data_root, tmp_path, model_dir, capsys):
+    unl = _unlabeled_copy(data_root, tmp_path / 'unl', n=8)
+    odd = os.fsdecode(b'0003-odd\xff\xfe.png')  # sorts among the others; bytes that are not UTF-8
+    try:
+        shutil.copy(sorted((data_root / 'unlabeled').iterdir())[20], unl / odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip('this file system refuses names that are not UTF-8')
+    assert main(_label(model_dir, unl, tmp_path / 'labels')) == 0
+    captured = capsys.readouterr()
+    assert 'labeled 8 images (0 undecodable' in captured.out and 'Traceback' not in captured.err
+    assert ('left out 1 image file(s) whose name is not valid UTF-8, such as "0003-odd\\xff\\xfe.png"'
+            in captured.err)
+    stats = json.loads((tmp_path / 'labels' / 'stats.json').read_text())
+    assert stats['source_identity']['rows'] == 8
+    # the same rows again, so the labels pair with them
+    assert main(_train(data_root, tmp_path / 'student', '--pseudo', str(tmp_path / 'labels'),
+                       '--max-steps', '1')) == 0
+    (unl / odd).rename(unl / '0003-odd.png')
+    assert main(_train(data_root, tmp_path / 'student2', '--pseudo', str(tmp_path / 'labels'),
+                       '--max-steps', '1')) == 2
+    assert 'rows' in _error_line(capsys.readouterr().err)
+    for f in unl.iterdir():
+        if f.name != '0003-odd.png':
+            f.unlink()
+    (unl / '0003-odd.png').rename(unl / odd)
+    assert main(_label(model_dir, unl, tmp_path / 'labels2')) == 2
+    assert 'names of its 1 image file(s) are not valid UTF-8' in _error_line(capsys.readouterr().err)
 
 
 def test_a_folder_with_metadata_is_read_by_datasets(data_root, tmp_path):

@@ -217,13 +217,21 @@ def _pushed(info) -> str:
     return f'pull request: {info.pr_url}' if info.pr_url else f'commit: {info.commit_url}'
 
 
+def _say_pushed(args, what: str, where: str, info) -> None:
+    if args.create_pr and not info.pr_url:  # huggingface_hub skips a commit that changes nothing
+        _print_main(f"nothing to push: {what}'s files equal those on {args.revision or 'main'} of {where}; "
+                    f'no pull request opened (latest commit: {info.commit_url})')
+    else:
+        _print_main(f'pushed {what} to {where}; {_pushed(info)}')
+
+
 def _cmd_push(args) -> None:
     from .hub import push
 
     if _is_main_process():
         info = push(args.src, args.repo_id, private=args.private, revision=args.revision,
                     create_pr=args.create_pr, commit_message=args.commit_message, license=args.license)
-        _print_main(f'pushed {args.src} to {args.repo_id}; {_pushed(info)}')
+        _say_pushed(args, args.src, args.repo_id, info)
 
 
 def _cmd_push_labels(args) -> None:
@@ -232,7 +240,7 @@ def _cmd_push_labels(args) -> None:
     if _is_main_process():
         info = push_labels(args.labels_dir, args.repo_id, private=args.private, revision=args.revision,
                            create_pr=args.create_pr, commit_message=args.commit_message, license=args.license)
-        _print_main(f'pushed {args.labels_dir} to dataset {args.repo_id}; {_pushed(info)}')
+        _say_pushed(args, args.labels_dir, f'dataset {args.repo_id}', info)
 
 
 def _add_push_args(p) -> None:
@@ -254,10 +262,26 @@ def _cmd_run(args) -> None:
     if args.output:
         cfg.output = args.output
     if args.print_config:
+        _check_printed(cfg)
         _print_main(config_to_yaml(cfg).rstrip() + '\n' + presets_note(cfg) + lr_note(cfg) + clip_note(cfg)
                     + epochs_note(cfg))
         return
     run(cfg, restart_from=args.restart_from, progress=not args.no_progress)
+
+
+def _check_printed(cfg) -> None:
+    """--print-config refuses what `run` refuses before its teacher trains (a bad model name, noise spec,
+    tracker or hub.repo_id), all but a missing token, which printing does not need."""
+    from dataclasses import replace
+
+    from .hub import check_repo_id
+    from .pipeline import _check_before_training
+    if cfg.hub.repo_id:
+        try:
+            check_repo_id(cfg.hub.repo_id)
+        except UserError as e:
+            raise UserError(f'hub.repo_id: {e}') from None
+    _check_before_training(replace(cfg, hub=replace(cfg.hub, repo_id=None)))
 
 
 def _cmd_demo(args) -> None:
@@ -532,9 +556,26 @@ def _print_error(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+# every option and argument that names a file or directory (a timm name or Hub id never starts with '~')
+_PATH_ARGS = ('data', 'eval_data', 'unlabeled_data', 'output', 'pseudo', 'init_from', 'checkpoint', 'config',
+              'images', 'src', 'out', 'labels_dir', 'workdir', 'json', 'model', 'teacher')
+
+
+def _expand_user(args) -> None:
+    """``~`` and ``~user`` at the start of a path mean the home folder for every command, also when a
+    shell passed them on quoted: expanded once here, so no later step sees the literal ``~``."""
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _expand_user(args)
     warnings.showwarning = _show_warning
     try:
         args.fn(args)

@@ -196,6 +196,15 @@ def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
             bar.update(len(paths) - bar.n)
     finally:
         bar.close()  # also when datasets reads the folder instead: no stray '0files' line
+    odd = [p for p in paths if not _utf8(p)]
+    if odd:  # Arrow strings are UTF-8: such a name cannot be listed, so its file is left out, and said
+        paths = [p for p in paths if _utf8(p)]
+        shown = os.fsencode(os.path.relpath(min(odd), root)).decode('utf-8', 'backslashreplace')
+        if not paths:
+            raise UserError(f'no image of {root} can be read: the names of its {len(odd)} image file(s) are not '
+                            f'valid UTF-8, such as "{shown}"; rename them (or the folders above them).')
+        warnings.warn(f'{root}: left out {len(odd)} image file(s) whose name is not valid UTF-8, such as '
+                      f'"{shown}"; rename them to include them.', stacklevel=2)
     if not paths:
         raise UserError(f'no images or data files found in {root}.')
     paths.sort()
@@ -213,6 +222,14 @@ def _index_image_folder(root: Path, progress: bool = True) -> datasets.Dataset:
     table = pa.table(columns)
     return datasets.Dataset(datasets.table.InMemoryTable(table),
                             info=datasets.DatasetInfo(features=datasets.Features(features)))
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode('utf-8')
+    except UnicodeEncodeError:  # undecodable bytes of a file name, as os.scandir gives them (surrogateescape)
+        return False
+    return True
 
 
 def _folder_split(ds: datasets.Dataset, source: DataSource) -> datasets.Dataset:
@@ -766,11 +783,24 @@ def read_pseudo(pseudo_dir: Path) -> tuple:
     """The selected pseudo labels of a label directory, and its stats."""
     stats, files = labels_files(Path(pseudo_dir))
     if stats.get('rows_after') == 0:
-        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
+        raise UserError(_no_rows(pseudo_dir, stats))
     table = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
     if len(table) == 0:
-        raise UserError(f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold and label again.')
+        raise UserError(_no_rows(pseudo_dir, stats))
     return table, stats
+
+
+def _no_rows(pseudo_dir, stats: Dict[str, Any]) -> str:
+    """Why a label directory holds no rows, as far as its stats.json tells."""
+    failed = stats.get('failed_count') or 0
+    if not stats.get('rows_labeled') and failed:
+        return (f'{pseudo_dir} holds no pseudo-labeled rows: none of the {failed} images it was made from could be '
+                f'decoded (they are listed in {Path(pseudo_dir) / "stats.json"}); check those files, the path and '
+                'the image column, then label again.')
+    threshold = stats.get('threshold')
+    if isinstance(threshold, (int, float)) and threshold > 0:
+        return f'{pseudo_dir} holds no pseudo-labeled rows; lower the threshold ({threshold:g}) and label again.'
+    return f'{pseudo_dir} holds no pseudo-labeled rows; label again.'
 
 
 def check_pseudo_values(pseudo_dir, table, num_classes: int, unlabeled_rows: int) -> None:

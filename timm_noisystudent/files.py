@@ -160,8 +160,15 @@ def replace_dir(tmp: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> N
     """Move a finished directory ``tmp`` to ``out``, replacing an older one whole.
 
     If the move fails (a full disk can refuse a new directory entry), the older ``out`` is put back.
+    Its files get the mode a new file gets (0666 & ~umask), as config.json beside them has:
+    safetensors writes 0600, which would let another user read a model's config but not its weights.
     """
     tmp, out = Path(tmp), Path(out)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in tmp.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
     old = out.parent / f'.{out.name}.old-{os.getpid()}'
     shutil.rmtree(old, ignore_errors=True)
     with writing(out):

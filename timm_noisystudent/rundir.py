@@ -216,6 +216,10 @@ def resolve_source(src: Union[str, os.PathLike, ModelSource], allow_pickle: bool
         run = path.parent.parent if is_run_dir(path.parent.parent) else None
         source = ModelSource(path, path.parent, run, path.parent.name if run else None)
     else:
+        stages = model_stages(path) if path.is_dir() and not (path / 'config.json').exists() else []
+        if stages:  # a run's stage folders without its config.yaml: not a run the tool wrote whole
+            raise UserError(f'{src} holds run stages ({", ".join(stages)}) but no config.yaml, so it is not a run '
+                            f'directory; export one of its stage directories, such as {path / stages[-1]}.')
         source = ModelSource(path)
     check_exportable(source.model_dir, allow_pickle)
     return source
