@@ -578,9 +578,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     _expand_user(args)
     warnings.showwarning = _show_warning
     try:
-        args.fn(args)
+        return _run(args)
+    finally:
         from .runtime import end_processes
         end_processes()
+
+
+def _run(args) -> int:
+    try:
+        args.fn(args)
     except UserError as e:
         if args.debug:
             raise
@@ -592,15 +598,40 @@ def main(argv: Optional[List[str]] = None) -> int:
         _print_error(f'error: {_os_error(e)}')
         return 2
     except Exception as e:
-        from .runtime import Preempted
+        from .runtime import Preempted, lost_peer_error, lost_processes
         if isinstance(e, Preempted):
-            print(str(e), file=sys.stderr, flush=True)
+            # a launcher stops the others with SIGTERM when one process dies: say so rather than 'stopped'
+            lost = lost_processes()
+            if lost:
+                _lost_processes_exit(lost)
+            if os.environ.get('RANK', '0') == '0':
+                print(str(e), file=sys.stderr, flush=True)
             return 128 + e.signal  # what a shell reports for a process ended by that signal
+        if lost_peer_error(e) and not args.debug:
+            lost = lost_processes()
+            if lost != []:  # [] : every process is still here, so the collective failed for another reason
+                _lost_processes_exit(lost)
         raise
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def _lost_processes_exit(lost) -> None:
+    """One line for a process of the launch that is gone, then exit at once.
+
+    The process group still waits on the lost process: tearing it down, or the interpreter's
+    exit doing so, can block on it or abort ('terminate called without an active exception').
+    Everything this process wrote was closed when the error unwound the stage.
+    """
+    from .runtime import lost_processes_line
+    line = lost_processes_line(lost)
+    if line:
+        print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 if __name__ == '__main__':

@@ -10,9 +10,10 @@ import platform
 import signal
 import sys
 import time
+from datetime import timedelta
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
@@ -22,7 +23,8 @@ from accelerate.utils import parse_flag_from_env
 from .config import SMALL_IMAGE_MAX, UserError
 
 __all__ = ['Preempted', 'StopFlag', 'resolve_precision', 'cpu_has_fast_bf16', 'cpu_threads', 'choose_workers',
-           'num_workers_for', 'torch_threads', 'keep_freed_memory', 'process_state', 'make_accelerator', 'end_processes']
+           'num_workers_for', 'torch_threads', 'keep_freed_memory', 'process_state', 'make_accelerator', 'end_processes',
+           'lost_peer_error', 'lost_processes', 'lost_processes_line']
 
 
 class Preempted(Exception):
@@ -239,7 +241,11 @@ class StopFlag:
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and lost_peer_error(exc):
+            # a launcher that saw a process die sends the others SIGTERM: it must not end this one
+            # before it has said which process is gone (cli.main), so the flag stays in place
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
@@ -269,3 +275,70 @@ def end_processes() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# how long a process that stops waits for the others to stop too, before it names those that did not:
+# well below the 30 s a torchrun agent gives the processes it stops before it kills them
+PEER_WAIT_S = 10.0
+
+
+def _launch_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def lost_peer_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective of a multi-process run that failed: a process it waited on is gone."""
+    if _launch_size() < 2:
+        return False
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in ('gloo', 'Gloo', 'NCCL', 'Connection reset'))
+
+
+def lost_processes(wait_s: float = PEER_WAIT_S) -> Optional[List[int]]:
+    """The ranks of this launch that did not stop with this process; [] when all did, None when it cannot tell.
+
+    Every process that stops (on a signal, or when a collective failed) checks in to the launch's
+    key-value store, the one its process group was made with, and waits up to ``wait_s`` for the
+    others. A process that was killed never checks in. None: a single process, or the store lived
+    in a process that is gone.
+    """
+    if _launch_size() < 2:
+        return None
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    prefix = f'noisystudent/stopping/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}/'
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=wait_s))
+        store.set(f'{prefix}{rank}', str(os.getpid()))
+        missing = [r for r in range(world) if r != rank]
+        deadline = time.monotonic() + wait_s
+        while missing:
+            missing = [r for r in missing if not store.check([f'{prefix}{r}'])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:  # the store's server was in a process that is gone
+        return None
+    return missing
+
+
+def lost_processes_line(lost: Optional[List[int]]) -> Optional[str]:
+    """The one line for processes of this launch that are gone, and whether this process says it:
+    the lowest rank still here does. None: this process stays silent."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if lost is None:  # the store went with the process that served it: rank 0's, unless a launcher served it
+        if rank != min(r for r in range(world) if r != 0):
+            return None
+        who = 'another process of this launch'
+    else:
+        if rank != min(r for r in range(world) if r not in lost):
+            return None
+        who = ('processes ' + ', '.join(map(str, lost)) if len(lost) > 1 else f'process {lost[0]}') + f' of {world}'
+    return (f'error: {who} is gone or did not stop with the others (killed, out of memory, or not signalled), '
+            'so this launch stopped; run the same command again to resume: checkpoints, finished stages and '
+            'labeled shards are kept.')
