@@ -302,11 +302,12 @@ def compare(reference: Path, run_dir: Path) -> List[Dict[str, Any]]:
     def row(what, ref, got, same=None):
         rows.append({'what': what, 'reference': ref, 'chaos': got, 'same': ref == got if same is None else same})
 
-    ref_sha, got_sha = _sha256(reference / 'final' / 'model.safetensors'), _sha256(run_dir / 'final' / 'model.safetensors')
+    ref_sha = _sha256(reference / 'final' / 'model.safetensors')
+    got_sha = _sha256(run_dir / 'final' / 'model.safetensors')
     row('final/model.safetensors (sha256)', ref_sha and ref_sha[:16], got_sha and got_sha[:16],
         ref_sha is not None and ref_sha == got_sha)
-    stages = sorted((p.name for p in reference.iterdir() if p.is_dir() and re.match(r'^(iter\d+-\w+|finetune)$', p.name)),
-                    key=lambda n: (int(re.sub(r'\D', '', n.split('-')[0]) or 1 << 30), n.endswith('student')))
+    names = [p.name for p in reference.iterdir() if p.is_dir() and re.match(r'^(iter\d+-\w+|finetune)$', p.name)]
+    stages = sorted(names, key=lambda n: (int(re.sub(r'\D', '', n.split('-')[0]) or 1 << 30), n.endswith('student')))
     for name in stages:
         if name.endswith('-labels'):
             ref, got = _selected(reference / name), _selected(run_dir / name)
@@ -398,8 +399,8 @@ def chaos(cmd: Sequence[str], work: Path, k: int, seed: int, sig: int = signal.S
     kills = [a for a in attempts if 'key' in a]
     comparison = compare(reference, run_dir) if failure is None else []
     ok = failure is None and len(kills) == len(points) and all(r['same'] for r in comparison)
-    return {'signal': signal.Signals(sig).name, 'k': len(points), 'seed': seed, 'command': list(cmd), 'reference': str(reference),
-            'run_dir': str(run_dir), 'points': points, 'reference_writes': len(events),
+    return {'signal': signal.Signals(sig).name, 'k': len(points), 'seed': seed, 'command': list(cmd),
+            'reference': str(reference), 'run_dir': str(run_dir), 'points': points, 'reference_writes': len(events),
             'kills': kills, 'attempts': attempts, 'failure': failure, 'comparison': comparison, 'ok': ok}
 
 

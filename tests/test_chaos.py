@@ -67,7 +67,8 @@ def test_sigterms_each_leave_a_checkpoint_and_the_resumed_run_ends_bit_identical
     events = chaos.reference_writes(toy['reference'])
     drawn = chaos.draw_points(events, 1, SEED, term=True)  # a labeling shard
     # and the teacher's last checkpoint: a SIGTERM during that write was once swallowed, and the run went on
-    last = events.index('rename iter0-teacher/checkpoints/.step-00000024.tmp -> iter0-teacher/checkpoints/step-00000024')
+    ckpt = 'iter0-teacher/checkpoints/step-00000024'  # 24 steps: the teacher's last
+    last = events.index(f'rename iter0-teacher/checkpoints/.step-00000024.tmp -> {ckpt}')
     result = _chaos(toy, signal.SIGTERM, points=drawn + [last])
     kills = result['kills']
     assert len(kills) == 2 and all(a['rc'] == 128 + signal.SIGTERM for a in kills), chaos.report(result)
