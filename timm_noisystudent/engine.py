@@ -739,6 +739,8 @@ class _Run:
                 if last or stop_signal is not None or state['step'] - saved_at >= EPOCH_CHECKPOINT_MIN_STEPS:
                     _save_checkpoint(accelerator, self.ckpt_root, state, cfg.keep_checkpoints, self.ema)
                     saved_at = state['step']
+                    # one that came during the write: at the stage's last step no later check would see it
+                    stop_signal = stop_signal or _stop_requested(accelerator, stop)
                 if stop_signal is not None:
                     raise _preempted(stop_signal, state, self.ckpt_root)
         bar.close()
