@@ -13,7 +13,7 @@ What it writes, and from what:
 - the README's block between <!-- demo:begin --> and <!-- demo:end -->: the results JSON of the
   demo's run (digits, lcnet_050, no overrides but the seed) when results/ holds one; until then
   the block keeps what it has;
-- docs/performance.md's block between <!-- bench:begin --> and <!-- bench:end -->:
+- docs/performance.md's and the README's blocks between <!-- bench:begin --> and <!-- bench:end -->:
   results/bench/*.json, written by `noisystudent bench --json`.
 
 Nothing in these tables is typed by hand. tests/test_docs.py fails when a file differs from what
@@ -564,6 +564,7 @@ def rendered() -> Dict[Path, str]:
     readme = README.read_text(encoding='utf-8')
     readme = _replace_block(readme, 'results', readme_results_block(results), README)
     readme = _replace_block(readme, 'demo', demo_block(results), README)
+    readme = _replace_block(readme, 'bench', bench_block(load_bench()), README)
     performance = _replace_block(PERFORMANCE.read_text(encoding='utf-8'), 'bench', bench_block(load_bench()),
                                  PERFORMANCE)
     return {

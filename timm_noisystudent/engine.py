@@ -298,7 +298,9 @@ def _resume_from(accelerator, ema, root: Path, settings: Dict[str, Any]) -> Opti
             state = json.loads((ckpt / 'trainer_state.json').read_text())
             int(state['step']), int(state['epoch'])
             accelerator.load_state(str(ckpt))
-            ema.load_state_dict(load_file(str(ckpt / 'ema.safetensors'), device=str(accelerator.device)))
+            # read on the CPU, copied to the EMA's own device by load_state_dict: safetensors refuses
+            # the 'cpu:0' that several CPU processes have as their device
+            ema.load_state_dict(load_file(str(ckpt / 'ema.safetensors'), device='cpu'))
             return ckpt
         except Exception as e:  # noqa: BLE001 - any damage means: try the one before
             older = kept[-n - 2] if n + 2 <= len(kept) else None
