@@ -270,7 +270,7 @@ def test_readme_names_no_commit():
 def test_readme_keeps_its_sections_in_order():
     headings = [h for h in _headings(ROOT / 'README.md') if not h.startswith('timm-')]
     expected = ['Install', 'The demo', 'Your own images, or a Hub dataset', 'The result in plain timm',
-                'Push to the Hub', 'Many GPUs', "Results with today's defaults",
+                'Push to the Hub', 'Many GPUs', "Results with today's defaults", 'Speed',
                 'The `tf_efficientnet_*_ns` entrypoints', 'Documentation']
     assert headings == expected
     text = (ROOT / 'README.md').read_text()
