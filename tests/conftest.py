@@ -62,6 +62,17 @@ atexit.register(_stop_hub)
 import pytest  # noqa: E402
 
 
+def tiny_model_dir(directory, label_names=None):
+    """A saved random-weight ``test_efficientnet`` of 10 classes at 32 px: a model directory for tests."""
+    import torch
+    from timm_noisystudent.models import load_model, save_model
+    torch.manual_seed(0)
+    model = load_model('test_efficientnet', pretrained=False, num_classes=10)
+    return save_model(model, directory, label_names=label_names or [str(i) for i in range(10)],
+                      data_config={'input_size': (3, 32, 32), 'crop_pct': 1.0, 'interpolation': 'bilinear',
+                                   'mean': (0.5,) * 3, 'std': (0.5,) * 3})
+
+
 def error_line(err: str) -> str:
     """The one `error:` line a command that failed on bad input printed; no traceback beside it."""
     lines = [line for line in err.splitlines() if line.startswith('error:')]

@@ -21,10 +21,9 @@ import safetensors.torch
 import yaml
 from safetensors import SafetensorError
 
-from conftest import error_line
+from conftest import error_line, tiny_model_dir
 from timm_noisystudent.cli import main
 from timm_noisystudent.demo import write_demo_data
-from timm_noisystudent.models import load_model, save_model
 
 MODEL = 'test_efficientnet'
 LEFTOVER = re.compile(r'^\..+\.(tmp|old)([-.].*)?$')  # every writer's hidden temporary
@@ -39,12 +38,7 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
-    import torch
-    torch.manual_seed(0)
-    model = load_model(MODEL, pretrained=False, num_classes=10)
-    return save_model(model, tmp_path_factory.mktemp('model') / 'model', label_names=[str(i) for i in range(10)],
-                      data_config={'input_size': (3, 32, 32), 'crop_pct': 1.0, 'interpolation': 'bilinear',
-                                   'mean': (0.5,) * 3, 'std': (0.5,) * 3})
+    return tiny_model_dir(tmp_path_factory.mktemp('model') / 'model')
 
 
 def _leftovers(root: Path):

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from timm_noisystudent.cli import main
-from timm_noisystudent.models import load_model, save_model
 from timm_noisystudent.demo import write_demo_data
 
 CLI = [sys.executable, '-m', 'timm_noisystudent']
@@ -32,7 +31,7 @@ def _env(**extra):
     return hub_env(OMP_NUM_THREADS='1', **extra)
 
 
-from conftest import error_line as _error_line  # noqa: E402
+from conftest import error_line as _error_line, tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -44,13 +43,7 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
-    import torch
-    torch.manual_seed(0)
-    model = load_model(MODEL, pretrained=False, num_classes=10)
-    return save_model(model, tmp_path_factory.mktemp('model') / 'model',
-                      label_names=[f'digit_{i}' for i in range(10)],
-                      data_config={'input_size': (3, 32, 32), 'crop_pct': 1.0, 'interpolation': 'bilinear',
-                                   'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)})
+    return tiny_model_dir(tmp_path_factory.mktemp('model') / 'model', [f'digit_{i}' for i in range(10)])
 
 
 def _unlabeled_copy(data_root: Path, dest: Path, n: int = 24) -> Path:

@@ -15,7 +15,6 @@ from timm_noisystudent.cli import main
 from timm_noisystudent.demo import write_demo_data
 from timm_noisystudent.files import LOCK_NAME
 from timm_noisystudent.rundir import remove_leftovers
-from timm_noisystudent.models import load_model, save_model
 
 MODEL = 'test_efficientnet'
 
@@ -40,7 +39,7 @@ def _untouched(root: Path, planted: dict) -> None:
         assert (root / rel).read_text() == text, f'{rel} was overwritten'
 
 
-from conftest import error_line as _error_line  # noqa: E402
+from conftest import error_line as _error_line, tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -130,12 +129,7 @@ def test_leftover_cleanup_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
-    import torch
-    torch.manual_seed(0)
-    model = load_model(MODEL, pretrained=False, num_classes=10)
-    return save_model(model, tmp_path_factory.mktemp('model') / 'model', label_names=[str(i) for i in range(10)],
-                      data_config={'input_size': (3, 32, 32), 'crop_pct': 1.0, 'interpolation': 'bilinear',
-                                   'mean': (0.5,) * 3, 'std': (0.5,) * 3})
+    return tiny_model_dir(tmp_path_factory.mktemp('model') / 'model')
 
 
 def test_export_refuses_a_model_folder_with_other_files(model_dir, tmp_path, capsys):
