@@ -512,23 +512,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 _IN_THE_WAY = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
 
 def _os_error(e: OSError) -> str:
     """A failed read or write as one line that says what to do; atomic writers left no partial file."""
-    from .files import DiskFull, shown_path
+    from .files import DiskFull, full_disk_errno, shown_path
 
     # a copy or rename names its destination second: that is where the space was missing
-    target = e.filename2 or e.filename
-    if e.errno in _NO_SPACE and target:
-        return str(DiskFull(os.fsdecode(target), e.errno))
+    target, full = e.filename2 or e.filename, full_disk_errno(e)
+    if full and target:
+        return str(DiskFull(os.fsdecode(target), full))
     # a writer's hidden temporary (.NAME.tmp-XXXX) is named as the path the user gave: NAME
     shown = shown_path(os.fsdecode(e.filename)) if e.filename else ''
     what = str(e.strerror or e).strip().splitlines()[0] + (f': {shown}' if shown else '')
-    if e.errno in _NO_SPACE:
+    if full:
         hint = 'free some disk space, then run the same command again; finished work is kept'
     elif e.errno == errno.EFBIG:
         hint = ("a file outgrew the size limit (`ulimit -f`, or the filesystem's largest file); raise it or "
